@@ -1,0 +1,1 @@
+"""Command lines users run and submit: ``python -m jobs.<name> --help``."""

@@ -1,0 +1,1 @@
+"""The Ray Data plan for batch inference: sources -> decode -> inference actors -> Parquet sink."""

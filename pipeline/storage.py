@@ -1,0 +1,142 @@
+"""Object-storage access for every stage: one way to turn a URI into an fsspec filesystem, one retry policy.
+
+Local paths, ``s3://`` and any other fsspec protocol go through :func:`filesystem_for`. Credentials and the endpoint
+come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...), which s3fs
+and botocore read themselves; ``storage_options`` adds explicit fsspec options (for example ``{"anon": true}`` for
+public buckets). Nothing here logs or stores option values, because they may hold secrets.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import split_protocol
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+StorageOptions = Mapping[str, Any]
+
+
+def protocol_of(uri: str) -> str:
+    """``"s3"`` for ``s3://b/k``, ``"file"`` for a local path."""
+    protocol, _ = split_protocol(uri)
+    return protocol or "file"
+
+
+def filesystem_for(uri: str, storage_options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``uri``; ``path`` is what the filesystem's methods take.
+
+    fsspec caches filesystem instances per options, so calling this per file is cheap.
+    """
+    protocol = protocol_of(uri)
+    filesystem = fsspec.filesystem(protocol, **dict(storage_options or {}))
+    return filesystem, filesystem._strip_protocol(uri)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/``, keeping the protocol: ``join_uri("s3://b/out", "x.parquet")``."""
+    joined = base.rstrip("/")
+    for part in parts:
+        joined = f"{joined}/{part.strip('/')}"
+    return joined
+
+
+def to_uri(filesystem: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turn a path as a filesystem lists it back into a URI (``bucket/key`` -> ``s3://bucket/key``).
+
+    Local paths stay plain paths, so that outputs and error messages show what the user typed.
+    """
+    protocols = filesystem.protocol if isinstance(filesystem.protocol, (tuple, list)) else (filesystem.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return filesystem.unstrip_protocol(path)
+
+
+# Errors that a later attempt may not see: throttling, server errors, dropped connections, timeouts.
+_TRANSIENT_MARKERS = (
+    "slowdown",
+    "slow down",
+    "503",
+    "500",
+    "502",
+    "504",
+    "internalerror",
+    "service unavailable",
+    "serviceunavailable",
+    "requesttimeout",
+    "connection reset",
+    "connection aborted",
+    "connection refused",
+    "server disconnected",
+    "timed out",
+    "timeout",
+    "broken pipe",
+    "incomplete read",
+    "payload",
+    "throttl",
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors worth retrying (throttling, 5xx, resets); False for missing objects, auth, bad input."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+        return True
+    text = f"{type(error).__name__} {error}".lower()
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def with_retries(
+    operation: Callable[[], T],
+    *,
+    description: str,
+    attempts: int = 8,
+    base_delay_s: float = 0.2,
+    max_delay_s: float = 20.0,
+    is_retryable: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Run ``operation``; on a transient error retry with exponential backoff and full jitter.
+
+    ``description`` names what is being done and to which URI, so the final error says where it failed.
+    Non-transient errors (missing object, access denied) propagate at once: retrying them only delays the message.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as error:  # noqa: BLE001 - classified right below, re-raised unless transient
+            if attempt == attempts or not is_retryable(error):
+                raise
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            logger.warning("%s failed (attempt %d/%d: %s); retrying in %.2fs", description, attempt, attempts, error, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes:
+    """Read a whole object, retrying transient errors."""
+    filesystem, path = filesystem_for(uri, storage_options)
+    return with_retries(lambda: filesystem.cat_file(path), description=f"reading {uri}")
+
+
+def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
+    """Write a whole object, retrying transient errors. On object stores a PUT is atomic: readers see all or nothing."""
+    filesystem, path = filesystem_for(uri, storage_options)
+
+    def put() -> None:
+        parent = path.rsplit("/", 1)[0]
+        if protocol_of(uri) == "file":
+            filesystem.makedirs(parent, exist_ok=True)
+        filesystem.pipe_file(path, data)
+
+    with_retries(put, description=f"writing {uri}")
