@@ -1,1 +1,3 @@
 """The Ray Data plan for batch inference: sources -> decode -> inference actors -> Parquet sink."""
+
+__version__ = "0.1.0"
