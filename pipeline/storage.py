@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -130,13 +132,28 @@ def read_bytes(uri: str, storage_options: StorageOptions | None = None) -> bytes
 
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions | None = None) -> None:
-    """Write a whole object, retrying transient errors. On object stores a PUT is atomic: readers see all or nothing."""
+    """Write a whole object atomically (readers see all or nothing), retrying transient errors.
+
+    On object stores a PUT is atomic by itself; on local disk we write a temporary name and rename it.
+    """
     filesystem, path = filesystem_for(uri, storage_options)
 
     def put() -> None:
-        parent = path.rsplit("/", 1)[0]
-        if protocol_of(uri) == "file":
-            filesystem.makedirs(parent, exist_ok=True)
-        filesystem.pipe_file(path, data)
+        if protocol_of(uri) != "file":
+            filesystem.pipe_file(path, data)
+            return
+        # Local disk: write a temporary name and rename, so a reader never sees a half-written file.
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        temporary = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     with_retries(put, description=f"writing {uri}")
