@@ -84,6 +84,7 @@ _TRANSIENT_MARKERS = (
     "incomplete read",
     "payload",
     "throttl",
+    "reduce your request rate",
 )
 
 
@@ -93,7 +94,8 @@ def is_transient(error: BaseException) -> bool:
         return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
-    if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+    # s3fs reports S3 throttling (503 SlowDown) as OSError(EBUSY, "Please reduce your request rate.").
+    if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY):
         return True
     text = f"{type(error).__name__} {error}".lower()
     return any(marker in text for marker in _TRANSIENT_MARKERS)
