@@ -290,13 +290,10 @@ def strip_uri_credentials(obj: Any) -> Any:
 
 
 def project_version() -> str:
-    """The installed version of this project, or ``"0+unknown"`` when run from a checkout that is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
+    """This project's version (one source of truth: ``pipeline.__version__``, which pyproject.toml reads too)."""
+    from pipeline import __version__
 
-    try:
-        return version("vit-hybrid-batch")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return __version__
 
 
 @dataclass(frozen=True)
