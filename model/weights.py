@@ -1,0 +1,349 @@
+"""Checkpoint files and URIs: find the weights, read them safely, recognise and convert the key layout.
+
+A checkpoint is a folder (local path or any fsspec URI such as ``s3://bucket/models/vit-hybrid/``) holding
+``model.safetensors`` (preferred), a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``; or a
+URI naming one such file. ``.bin`` files are read with ``torch.load(weights_only=True)``: a pickle that holds
+anything but tensors and plain containers is refused, never executed.
+
+Two key layouts are understood:
+
+* ``hf``: transformers' own names (``vit.encoder.layer.0.attention.attention.query.weight``, ...), used as is;
+* ``timm``: ``vit_base_r50_s16_384`` names (``patch_embed.backbone.stem.conv.weight``, ``blocks.0.attn.qkv.weight``,
+  ...), renamed by the table of transformers' ``convert_vit_hybrid_timm_to_pytorch.py`` with the fused ``qkv``
+  split into query, key and value.
+
+>>> state_dict, info = load_checkpoint("s3://bucket/models/vit-hybrid-base-bit-384/")  # doctest: +SKIP
+>>> info.sha256, info.layout  # doctest: +SKIP
+('9f2c...', 'hf')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from pipeline.storage import StorageOptions, filesystem_for, join_uri, read_bytes, with_retries
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+# Looked for in this order in a checkpoint folder.
+WEIGHTS_FILE_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the URI and what is wrong."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Where the weights came from, for logs and for the provenance written next to every prediction.
+
+    ``sha256`` is the digest of the weights file; for a sharded checkpoint, the digest of the index file's bytes
+    followed by every shard's bytes in file-name order.
+    """
+
+    uri: str
+    weights_file: str
+    sha256: str
+    layout: str  # "hf" or "timm"
+    format: str  # "safetensors" or "pytorch"
+    config_uri: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finding and reading files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _list_names(uri: str, storage_options: StorageOptions | None) -> set[str]:
+    filesystem, path = filesystem_for(uri, storage_options)
+
+    def listing() -> list[str]:
+        # Object stores cache listings per process; a checkpoint uploaded since would be missed.
+        filesystem.invalidate_cache(path)
+        return filesystem.ls(path, detail=False)
+
+    try:
+        entries = with_retries(listing, description=f"listing {uri}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint folder {uri} does not exist") from None
+    return {entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+
+
+def _sha256(*payloads: bytes) -> str:
+    digest = hashlib.sha256()
+    for payload in payloads:
+        digest.update(payload)
+    return digest.hexdigest()
+
+
+def _read_safetensors(payload: bytes, uri: str) -> dict[str, Tensor]:
+    try:
+        tensors = safetensors_load(payload)
+    except SafetensorError as error:
+        raise CheckpointError(f"{uri} is not a readable safetensors file: {error}") from error
+    # safetensors' tensors are views of immutable, 16-byte-aligned Python bytes; the model will own these tensors
+    # (and may write to them in place), so give each one its own aligned, writable storage.
+    return {name: tensor.clone() for name, tensor in tensors.items()}
+
+
+def _read_torch_pickle(payload: bytes, uri: str) -> dict[str, Tensor]:
+    """``torch.load`` restricted to tensors and plain containers; unwraps ``{"state_dict": ...}`` training files."""
+    try:
+        loaded = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refusing to load {uri}: it pickles objects other than tensors, and only weights_only=True loading is "
+            f"allowed (convert it to safetensors from a trusted environment). Detail: {error}"
+        ) from error
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(wrapper), Mapping):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, Mapping) or not all(isinstance(value, Tensor) for value in loaded.values()):
+        raise CheckpointError(f"{uri} does not hold a state dict (a mapping from names to tensors)")
+    return {str(name): tensor for name, tensor in loaded.items()}
+
+
+def _read_weights_file(uri: str, storage_options: StorageOptions | None) -> tuple[dict[str, Tensor], str, str]:
+    """``(state_dict, sha256, format)`` of one weights file or of a sharded safetensors index."""
+    payload = read_bytes(uri, storage_options)
+    if uri.endswith(".index.json"):
+        try:
+            weight_map = json.loads(payload)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{uri} is not a safetensors index (no 'weight_map'): {error}") from error
+        base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        state_dict: dict[str, Tensor] = {}
+        payloads = [payload]
+        for shard in sorted(set(weight_map.values())):
+            shard_uri = join_uri(base, shard)
+            shard_payload = read_bytes(shard_uri, storage_options)
+            payloads.append(shard_payload)
+            state_dict.update(_read_safetensors(shard_payload, shard_uri))
+        return state_dict, _sha256(*payloads), "safetensors"
+    digest = _sha256(payload)
+    if uri.endswith(".safetensors"):
+        return _read_safetensors(payload, uri), digest, "safetensors"
+    return _read_torch_pickle(payload, uri), digest, "pytorch"
+
+
+def find_weights_file(path_or_uri: str, storage_options: StorageOptions | None = None) -> tuple[str, str | None]:
+    """``(weights file URI, config.json URI or None)`` for a checkpoint folder or a weights-file URI."""
+    uri = os.fspath(path_or_uri).rstrip("/")
+    if uri.endswith(_WEIGHTS_SUFFIXES):
+        folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        names = _list_names(folder, storage_options)
+        if uri.rsplit("/", 1)[-1] not in names:
+            raise FileNotFoundError(f"weights file {uri} does not exist")
+        return uri, join_uri(folder, CONFIG_NAME) if CONFIG_NAME in names else None
+    names = _list_names(uri, storage_options)
+    for name in WEIGHTS_FILE_NAMES:
+        if name in names:
+            return join_uri(uri, name), join_uri(uri, CONFIG_NAME) if CONFIG_NAME in names else None
+    raise FileNotFoundError(
+        f"no weights in {uri}: expected one of {', '.join(WEIGHTS_FILE_NAMES)}; found {sorted(names) or 'nothing'}"
+    )
+
+
+def load_checkpoint(
+    path_or_uri: str | os.PathLike[str], storage_options: StorageOptions | None = None
+) -> tuple[dict[str, Tensor], CheckpointInfo]:
+    """Read a checkpoint's weights into CPU tensors, converted to transformers' key layout.
+
+    Returns the state dict and a :class:`CheckpointInfo` (source URI, weights file, sha256, original layout).
+    Transient storage errors are retried; a missing folder or file raises ``FileNotFoundError``; an unreadable or
+    unsafe file raises :class:`CheckpointError`.
+    """
+    uri = os.fspath(path_or_uri)
+    weights_uri, config_uri = find_weights_file(uri, storage_options)
+    state_dict, digest, file_format = _read_weights_file(weights_uri, storage_options)
+    state_dict = _strip_wrapper_prefix(state_dict)
+    layout = detect_layout(state_dict, weights_uri)
+    if layout == "timm":
+        state_dict = timm_to_hf(state_dict)
+    logger.info("read %d tensors from %s (%s layout, sha256 %s)", len(state_dict), weights_uri, layout, digest[:12])
+    return state_dict, CheckpointInfo(uri, weights_uri, digest, layout, file_format, config_uri)
+
+
+def serialize_state_dict(state_dict: Mapping[str, Tensor], safe_serialization: bool = True) -> bytes:
+    """The bytes of ``model.safetensors`` (with transformers' ``format: pt`` metadata) or ``pytorch_model.bin``."""
+    # Contiguous, unshared CPU copies: safetensors refuses strided (channels-last) and aliased tensors.
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state_dict.items()}
+    if safe_serialization:
+        return safetensors_save(tensors, metadata={"format": "pt"})
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Key layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+_TIMM_MARKERS = ("patch_embed.", "blocks.", "pos_embed", "cls_token")
+_HF_MARKERS = ("vit.", "embeddings.", "encoder.", "classifier.", "layernorm.", "pooler.")
+
+
+def _strip_wrapper_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoints saved from ``DistributedDataParallel`` prefix every key with ``module.``."""
+    if state_dict and all(name.startswith("module.") for name in state_dict):
+        return {name[len("module.") :]: tensor for name, tensor in state_dict.items()}
+    return state_dict
+
+
+def detect_layout(state_dict: Mapping[str, Tensor], uri: str = "<state dict>") -> str:
+    """``"hf"`` or ``"timm"``, from the key names."""
+    names = list(state_dict)
+    if any(name.startswith(_HF_MARKERS) for name in names):
+        return "hf"
+    if any(name.startswith(_TIMM_MARKERS) for name in names):
+        return "timm"
+    raise CheckpointError(
+        f"{uri}: unknown key layout (neither transformers' ViTHybrid nor timm's vit_base_r50_s16_384); "
+        f"first keys: {names[:5]}"
+    )
+
+
+_BACKBONE = "vit.embeddings.patch_embeddings.backbone.bit."
+# (timm pattern, transformers replacement): the table of convert_vit_hybrid_timm_to_pytorch.py, written as rules,
+# extended to the pre-activation net's final norm and to the pre-logits layer of the ImageNet-21k checkpoints.
+_TIMM_TO_HF_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"^cls_token$", "vit.embeddings.cls_token"),
+        (r"^pos_embed$", "vit.embeddings.position_embeddings"),
+        (r"^patch_embed\.proj\.(weight|bias)$", r"vit.embeddings.patch_embeddings.projection.\1"),
+        (r"^patch_embed\.backbone\.stem\.conv\.weight$", _BACKBONE + "embedder.convolution.weight"),
+        (r"^patch_embed\.backbone\.stem\.norm\.(weight|bias)$", _BACKBONE + r"embedder.norm.\1"),
+        (
+            r"^patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.((?:downsample\.)?(?:conv|norm)\d?\.(?:weight|bias))$",
+            _BACKBONE + r"encoder.stages.\1.layers.\2.\3",
+        ),
+        (r"^patch_embed\.backbone\.norm\.(weight|bias)$", _BACKBONE + r"norm.\1"),
+        (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"vit.encoder.layer.\1.layernorm_before.\2"),
+        (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"vit.encoder.layer.\1.layernorm_after.\2"),
+        (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"vit.encoder.layer.\1.attention.output.dense.\2"),
+        (r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$", r"vit.encoder.layer.\1.intermediate.dense.\2"),
+        (r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$", r"vit.encoder.layer.\1.output.dense.\2"),
+        (r"^norm\.(weight|bias)$", r"vit.layernorm.\1"),
+        (r"^head\.(weight|bias)$", r"classifier.\1"),
+        (r"^pre_logits\.fc\.(weight|bias)$", r"vit.pooler.dense.\1"),
+    )
+)
+_TIMM_QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
+
+
+def timm_to_hf(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename a timm ``vit_base_r50_s16_384`` state dict to transformers' ``ViTHybridForImageClassification`` keys.
+
+    Keys no rule knows are kept under their timm name, so that the load check reports them as unexpected.
+    """
+    converted: dict[str, Tensor] = {}
+    for name, tensor in state_dict.items():
+        qkv = _TIMM_QKV.match(name)
+        if qkv:
+            layer, kind = qkv.groups()
+            if tensor.shape[0] % 3:
+                raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}: its first dimension is not 3 x hidden")
+            prefix = f"vit.encoder.layer.{layer}.attention.attention."
+            for part, chunk in zip(("query", "key", "value"), tensor.chunk(3, dim=0)):
+                converted[f"{prefix}{part}.{kind}"] = chunk.clone()
+            continue
+        for pattern, replacement in _TIMM_TO_HF_RULES:
+            if pattern.match(name):
+                converted[pattern.sub(replacement, name)] = tensor
+                break
+        else:
+            converted[name] = tensor
+    return converted
+
+
+def adapt_prefix(
+    state_dict: Mapping[str, Tensor], *, base_model: bool, has_pooler: bool
+) -> tuple[dict[str, Tensor], list[str]]:
+    """Fit a transformers-layout state dict to the model class, as transformers does across head/no-head classes.
+
+    ``base_model`` (``ViTHybridModel``): drop a ``vit.`` prefix and the classification head. Otherwise
+    (``ViTHybridForImageClassification``): add the ``vit.`` prefix a bare-model checkpoint lacks. Pooler weights
+    are dropped when the model has no pooler. Returns the new dict and notes on what was dropped.
+    """
+    notes: list[str] = []
+    names = list(state_dict)
+    prefixed = any(name.startswith("vit.") for name in names)
+    adapted: dict[str, Tensor] = {}
+    for name, tensor in state_dict.items():
+        if base_model:
+            if name.startswith("classifier."):
+                continue
+            name = name[len("vit.") :] if prefixed and name.startswith("vit.") else name
+        elif not prefixed and not name.startswith("classifier."):
+            name = "vit." + name
+        adapted[name] = tensor
+    dropped_head = [name for name in names if base_model and name.startswith("classifier.")]
+    if dropped_head:
+        notes.append(f"classification head not used by the bare model: {', '.join(dropped_head)}")
+    pooler_prefix = "pooler." if base_model else "vit.pooler."
+    if not has_pooler:
+        pooler = [name for name in adapted if name.startswith(pooler_prefix)]
+        for name in pooler:
+            del adapted[name]
+        if pooler:
+            notes.append(f"pooler not used by this model: {', '.join(pooler)}")
+    return adapted, notes
+
+
+def check_state_dict(expected: Mapping[str, Iterable[int]], state_dict: Mapping[str, Tensor], uri: str) -> None:
+    """Raise one :class:`CheckpointError` listing every missing, unexpected and mis-shaped key, or return."""
+    missing = sorted(name for name in expected if name not in state_dict)
+    unexpected = sorted(name for name in state_dict if name not in expected)
+    mis_shaped = sorted(
+        (name, tuple(shape), tuple(state_dict[name].shape))
+        for name, shape in expected.items()
+        if name in state_dict and tuple(state_dict[name].shape) != tuple(shape)
+    )
+    if not (missing or unexpected or mis_shaped):
+        return
+    lines = [f"checkpoint {uri} does not fit the model (is config.json the checkpoint's own?):"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if mis_shaped:
+        lines.append(f"  mis-shaped keys ({len(mis_shaped)}):")
+        lines.extend(f"    {name}: expected {shape}, found {found}" for name, shape, found in mis_shaped)
+    raise CheckpointError("\n".join(lines))
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "CheckpointInfo",
+    "adapt_prefix",
+    "check_state_dict",
+    "detect_layout",
+    "find_weights_file",
+    "load_checkpoint",
+    "serialize_state_dict",
+    "timm_to_hf",
+]

@@ -1,0 +1,192 @@
+"""model.weights: finding and reading checkpoint files safely, key layouts, and one clear error per bad checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.modeling import ViTHybridForImageClassification
+from model.weights import (
+    CheckpointError,
+    check_state_dict,
+    detect_layout,
+    find_weights_file,
+    load_checkpoint,
+    timm_to_hf,
+)
+from tests.reference import (
+    build_reference_model,
+    hf_to_timm_state_dict,
+    random_pixel_values,
+    small_config_dict,
+    write_reference_checkpoint,
+)
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def config_dict() -> dict:
+    return small_config_dict("bottleneck")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, config_dict: dict) -> Path:
+    return write_reference_checkpoint(tmp_path_factory.mktemp("ckpt"), config_dict, seed=1)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_reads_safetensors_folder_with_provenance(checkpoint: Path) -> None:
+    state_dict, info = load_checkpoint(checkpoint)
+    expected = load_file(str(checkpoint / "model.safetensors"))
+    assert state_dict.keys() == expected.keys()
+    assert all(torch.equal(state_dict[name], expected[name]) for name in expected)
+    assert info.uri == str(checkpoint)
+    assert info.weights_file == str(checkpoint / "model.safetensors")
+    assert info.sha256 == _sha256(checkpoint / "model.safetensors")
+    assert (info.layout, info.format) == ("hf", "safetensors")
+    assert info.config_uri == str(checkpoint / "config.json")
+
+
+def test_prefers_safetensors_and_reads_bin(tmp_path: Path, config_dict: dict) -> None:
+    folder = write_reference_checkpoint(tmp_path, config_dict, seed=1, safe_serialization=False)
+    state_dict, info = load_checkpoint(folder)
+    assert info.format == "pytorch" and info.weights_file.endswith("pytorch_model.bin")
+    assert info.sha256 == _sha256(folder / "pytorch_model.bin")
+    save_file({name: tensor.contiguous() for name, tensor in state_dict.items()}, str(folder / "model.safetensors"))
+    assert load_checkpoint(folder)[1].format == "safetensors"
+
+
+def test_weights_file_uri_is_accepted(checkpoint: Path) -> None:
+    weights, config = find_weights_file(str(checkpoint / "model.safetensors"))
+    assert weights == str(checkpoint / "model.safetensors") and config == str(checkpoint / "config.json")
+    _, info = load_checkpoint(checkpoint / "model.safetensors")
+    assert info.sha256 == _sha256(checkpoint / "model.safetensors")
+
+
+def test_sharded_safetensors(tmp_path: Path, config_dict: dict, checkpoint: Path) -> None:
+    reference = build_reference_model(config_dict, seed=1)
+    reference.save_pretrained(str(tmp_path), max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    sharded, info = load_checkpoint(tmp_path)
+    whole, _ = load_checkpoint(checkpoint)
+    assert sharded.keys() == whole.keys()
+    assert all(torch.equal(sharded[name], whole[name]) for name in whole)
+    assert info.weights_file.endswith("model.safetensors.index.json")
+
+
+def test_reads_from_s3_with_the_same_digest(s3_bucket: str, checkpoint: Path) -> None:
+    fsspec.filesystem("s3").put(str(checkpoint), f"{s3_bucket}/models/ckpt", recursive=True)
+    state_dict, info = load_checkpoint(f"s3://{s3_bucket}/models/ckpt/")
+    assert info.sha256 == _sha256(checkpoint / "model.safetensors")
+    assert info.config_uri == f"s3://{s3_bucket}/models/ckpt/config.json"
+    assert len(state_dict) == len(load_file(str(checkpoint / "model.safetensors")))
+
+
+def test_transient_read_errors_are_retried(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.storage as storage
+
+    filesystem_class = type(fsspec.filesystem("file"))
+    original = filesystem_class.cat_file
+    failures = {"left": 2}
+
+    def flaky(self: object, path: str, *args: object, **kwargs: object) -> bytes:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(filesystem_class, "cat_file", flaky)
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    _, info = load_checkpoint(checkpoint)
+    assert failures["left"] == 0 and info.sha256 == _sha256(checkpoint / "model.safetensors")
+
+
+def test_missing_things_name_the_uri(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="model.safetensors") as error:
+        load_checkpoint(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+class NotATensor:
+    """A picklable object that weights_only loading must refuse to construct."""
+
+    def __init__(self) -> None:
+        self.payload = "anything"
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
+    torch.save({"weight": torch.zeros(2), "extra": NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refusing to load") as error:
+        load_checkpoint(tmp_path)
+    assert "pytorch_model.bin" in str(error.value)
+
+
+def test_training_checkpoint_wrappers_are_unwrapped(tmp_path: Path, checkpoint: Path) -> None:
+    state_dict = load_file(str(checkpoint / "model.safetensors"))
+    wrapped = {"state_dict": {f"module.{name}": tensor for name, tensor in state_dict.items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "pytorch_model.bin")
+    loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.keys() == state_dict.keys()
+
+
+def test_timm_layout_round_trip(config_dict: dict) -> None:
+    reference_state = build_reference_model(config_dict, seed=2).state_dict()
+    timm_state = hf_to_timm_state_dict(reference_state, config_dict)
+    assert "blocks.0.attn.qkv.weight" in timm_state and "patch_embed.backbone.stem.conv.weight" in timm_state
+    assert detect_layout(timm_state) == "timm" and detect_layout(reference_state) == "hf"
+    converted = timm_to_hf(timm_state)
+    assert converted.keys() == reference_state.keys()
+    assert all(torch.equal(converted[name], reference_state[name]) for name in reference_state)
+
+
+def test_unknown_layout_is_reported() -> None:
+    with pytest.raises(CheckpointError, match="unknown key layout"):
+        detect_layout({"resnet.conv1.weight": torch.zeros(1)}, "s3://b/x")
+
+
+def test_one_error_lists_missing_unexpected_and_misshaped_keys(tmp_path: Path, checkpoint: Path) -> None:
+    state_dict = load_file(str(checkpoint / "model.safetensors"))
+    del state_dict["vit.layernorm.bias"]
+    state_dict["vit.encoder.layer.9.attention.attention.query.weight"] = torch.zeros(2, 2)
+    state_dict["classifier.weight"] = torch.zeros(7, 32)
+    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    with pytest.raises(CheckpointError) as error:
+        ViTHybridForImageClassification.from_pretrained(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path) in message
+    assert "missing keys (1): vit.layernorm.bias" in message
+    assert "unexpected keys (1): vit.encoder.layer.9.attention.attention.query.weight" in message
+    assert "classifier.weight: expected (10, 32), found (7, 32)" in message
+
+
+def test_check_state_dict_passes_on_a_match() -> None:
+    check_state_dict({"a": (2,)}, {"a": torch.zeros(2)}, "mem://x")
+
+
+def test_timm_folder_with_config_json(tmp_path: Path, config_dict: dict) -> None:
+    """A timm state dict next to a transformers config.json: the config describes the architecture."""
+    reference = build_reference_model(config_dict, seed=3)
+    timm_state = hf_to_timm_state_dict(reference.state_dict(), config_dict)
+    save_file({name: tensor.contiguous() for name, tensor in timm_state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config_dict))
+    model = ViTHybridForImageClassification.from_pretrained(tmp_path)
+    pixel_values = random_pixel_values(2, 64, seed=4)
+    with torch.inference_mode():
+        ours = model(pixel_values).logits
+        theirs = reference(pixel_values).logits
+    assert (ours - theirs).abs().max() <= 1e-4
