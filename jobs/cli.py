@@ -62,6 +62,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     compute.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per inference actor (default 1)")
     compute.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per inference actor (default 1; torch threads on CPU)")
     compute.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus, help="CPUs reserved per decode task")
+    compute.add_argument("--decode-memory-mb", type=int, default=defaults.decode_memory_mb,
+                         help="memory reserved per decode task (bounds concurrent decodes of large photos)")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",
                          help="disable approximate fast decoding (JPEG draft mode) for bit-exact preprocessing")
     compute.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,

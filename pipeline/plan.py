@@ -55,6 +55,7 @@ class JobConfig:
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     decode_cpus: float = 1.0
+    decode_memory_mb: int = 512
     fast_decode: bool = True
     max_image_pixels: int = 89_478_485
     max_error_fraction: float = 0.5
@@ -262,6 +263,9 @@ def _build_dataset(config, pending, processor, ray):  # noqa: ANN001 - internal 
         batch_size=1,
         batch_format="numpy",
         num_cpus=config.decode_cpus,
+        # A memory reservation bounds how many decodes of large photos share a node; it also keeps Ray Data from
+        # fusing decode into the inference actors (fused, the actor would decode and infer in turn, serially).
+        memory=config.decode_memory_mb * 1024 * 1024,
         fn_kwargs={
             "storage_options": config.storage_options,
             "processor": processor,

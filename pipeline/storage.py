@@ -43,9 +43,9 @@ def filesystem_for(uri: str, storage_options: StorageOptions | None = None) -> t
     return filesystem, filesystem._strip_protocol(uri)
 
 
-def join_uri(base: str, *parts: str) -> str:
+def join_uri(base: str | os.PathLike[str], *parts: str) -> str:
     """Join path parts onto a URI with ``/``, keeping the protocol: ``join_uri("s3://b/out", "x.parquet")``."""
-    joined = base.rstrip("/")
+    joined = os.fspath(base).rstrip("/")
     for part in parts:
         joined = f"{joined}/{part.strip('/')}"
     return joined
