@@ -20,13 +20,22 @@ DESCRIPTIONS = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show (required values, on/off switches, computed defaults)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.required or isinstance(action.const, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser(task: str) -> argparse.ArgumentParser:
     """Every option with its default in --help; defaults come from JobConfig so they cannot drift."""
     defaults = JobConfig(task=task, input="", output="", model="")
     parser = argparse.ArgumentParser(
         prog=f"python -m jobs.{task}",
         description=DESCRIPTIONS[task],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, help="prefix, glob, or .txt file listing URIs (local path, s3://, any fsspec URL)")
@@ -65,7 +74,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     compute.add_argument("--decode-memory-mb", type=int, default=defaults.decode_memory_mb,
                          help="memory reserved per decode task (bounds concurrent decodes of large photos)")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",
-                         help="disable approximate fast decoding (JPEG draft mode) for bit-exact preprocessing")
+                         help="bit-exact preprocessing: turn off the fast path (JPEG draft-mode decoding of large photos), on by default")
     compute.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
                          help="images with more pixels become error rows (decompression-bomb guard)")
     compute.add_argument("--max-error-fraction", type=float, default=defaults.max_error_fraction,

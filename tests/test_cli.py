@@ -1,0 +1,53 @@
+"""The job command lines: every flag documented, flags land in JobConfig unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from jobs.cli import build_parser, config_from_args
+from pipeline.plan import JobConfig
+
+REQUIRED = ["--input", "s3://b/in", "--output", "s3://b/out", "--model", "s3://b/model"]
+
+
+@pytest.mark.parametrize("task", ["classify", "embed"])
+def test_every_job_setting_is_a_documented_flag(task: str) -> None:
+    parser = build_parser(task)
+    help_text = parser.format_help()
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for setting in dataclasses.fields(JobConfig):
+        if setting.name in ("task",) or (task == "embed" and setting.name == "top_k"):
+            continue
+        flag = "--exact-decode" if setting.name == "fast_decode" else "--" + setting.name.replace("_", "-")
+        assert flag in flags, f"JobConfig.{setting.name} has no flag {flag}"
+        assert flag in help_text
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_flags_build_the_job_config() -> None:
+    args = build_parser("classify").parse_args(
+        [*REQUIRED, "--top-k", "3", "--dtype", "bf16", "--embedding-dtype", "float16", "--normalize-embeddings",
+         "--storage-options", '{"anon": true}', "--exact-decode", "--max-actors", "4", "--batch-size", "128"]
+    )
+    config = config_from_args("classify", args)
+    assert config == JobConfig(
+        task="classify", input="s3://b/in", output="s3://b/out", model="s3://b/model", top_k=3, dtype="bf16",
+        embedding_dtype="float16", normalize_embeddings=True, storage_options={"anon": True}, fast_decode=False,
+        max_actors=4, batch_size=128,
+    )
+
+
+def test_defaults_come_from_job_config() -> None:
+    config = config_from_args("embed", build_parser("embed").parse_args(REQUIRED))
+    defaults = JobConfig(task="embed", input="s3://b/in", output="s3://b/out", model="s3://b/model")
+    assert config == defaults
+
+
+def test_invalid_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_error_fraction"):
+        JobConfig(task="classify", input="a", output="b", model="c", max_error_fraction=1.5)
+    with pytest.raises(SystemExit):
+        build_parser("classify").parse_args([*REQUIRED, "--dtype", "int8"])
