@@ -212,8 +212,9 @@ class WeightStandardizedConv2d(nn.Conv2d):
         )
         self.pad = DynamicPad2d(kernel_size, stride, dilation) if is_dynamic else None
         self.eps = eps
-        self._cached_weight: Tensor | None = None
-        self._cache_key: tuple[Any, ...] | None = None
+        # (key of the weight it was computed from, standardised weight); one attribute, so readers never pair a
+        # key with another weight's result.
+        self._weight_cache: tuple[tuple[Any, ...], Tensor] | None = None
 
     def train(self, mode: bool = True) -> WeightStandardizedConv2d:
         if mode:
@@ -221,8 +222,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
         return super().train(mode)
 
     def clear_weight_cache(self) -> None:
-        self._cached_weight = None
-        self._cache_key = None
+        self._weight_cache = None
+
+    @property
+    def cached_weight(self) -> Tensor | None:
+        """The cached standardised weight, if any (for tests and debugging)."""
+        return None if self._weight_cache is None else self._weight_cache[1]
 
     def _weight_key(self) -> tuple[Any, ...]:
         weight = self.weight
@@ -235,12 +240,13 @@ class WeightStandardizedConv2d(nn.Conv2d):
         if self.training or (self.weight.requires_grad and torch.is_grad_enabled()):
             return standardize_weight(self.weight, self.eps)
         key = self._weight_key()
-        if self._cache_key != key:
+        cache = self._weight_cache
+        if cache is None or cache[0] != key:
             # A normal (not inference-mode) tensor, so later calls with autograd on may still use it.
             with torch.inference_mode(False), torch.no_grad():
-                self._cached_weight = standardize_weight(self.weight, self.eps)
-            self._cache_key = key
-        return self._cached_weight  # type: ignore[return-value]
+                cache = (key, standardize_weight(self.weight, self.eps))
+            self._weight_cache = cache
+        return cache[1]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.pad is not None:

@@ -376,11 +376,11 @@ def test_weight_standardisation_cache(small_pair: tuple) -> None:
     conv = _convs(model)[0]
     with torch.no_grad():
         cached = model(pixel_values).logits
-        assert conv._cached_weight is not None
-        assert torch.equal(conv._cached_weight, standardize_weight(conv.weight, conv.eps))
+        assert conv.cached_weight is not None
+        assert torch.equal(conv.cached_weight, standardize_weight(conv.weight, conv.eps))
         again = model(pixel_values).logits
         model.train()  # dropout and drop-path are 0: train mode differs only by standardising every call
-        assert all(module._cached_weight is None for module in _convs(model))
+        assert all(module.cached_weight is None for module in _convs(model))
         uncached = model(pixel_values).logits
         model.eval()
     assert torch.equal(cached, again) and torch.equal(cached, uncached)
@@ -427,11 +427,11 @@ def test_channels_last_model_and_dtype_changes(small_pair: tuple) -> None:
         conv = _convs(converted)[0]
         converted.to(torch.bfloat16)
         bf16 = converted(pixel_values).logits
-        assert conv._cached_weight.dtype == torch.bfloat16  # recomputed for the new weight tensor
+        assert conv.cached_weight.dtype == torch.bfloat16  # recomputed for the new weight tensor
         converted.to(torch.float32)
         converted(pixel_values)
-        assert conv._cached_weight.dtype == torch.float32
-        assert torch.equal(conv._cached_weight, standardize_weight(conv.weight, conv.eps))
+        assert conv.cached_weight.dtype == torch.float32
+        assert torch.equal(conv.cached_weight, standardize_weight(conv.weight, conv.eps))
     assert bf16.dtype == torch.bfloat16
 
 
