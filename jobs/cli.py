@@ -1,7 +1,13 @@
 """The command line shared by ``jobs.classify`` and ``jobs.embed``: flags -> JobConfig -> run, one summary line.
 
-``ray.init()`` with no address joins the cluster named by ``RAY_ADDRESS`` (set by ``ray job submit``) or starts Ray
-in-process, so the same command runs on a laptop and on a cluster.
+``run_job`` calls ``ray.init()`` with no address once the model and the input are checked: it joins the cluster named
+by ``RAY_ADDRESS`` (set by ``ray job submit``) or starts Ray in-process, so the same command runs on a laptop and on a
+cluster.
+
+Exit codes: 0 done (also when a rerun finds the job already complete); 2 the job cannot run as asked: a flag, the
+model, the input or the output is wrong or refused by storage (``error: ...`` on stderr, naming the URI and the cause,
+no traceback); 3 aborted past ``--max-error-fraction`` after committing the finished shards. After 2 or 3, fix the
+cause and run the same command again: committed shards are kept and skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +18,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.plan import JobAborted, JobConfig, run_job
+from model.weights import CheckpointError
+from pipeline.manifest import OutputConflictError
+from pipeline.plan import JobAborted, JobConfig, JobError, run_job
+from pipeline.sources import InputError
+
+EXIT_ERROR = 2
+EXIT_ABORTED = 3
+
+# What the user can fix: each message names the URI (model, input, output) and the cause. Anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (JobError, InputError, OutputConflictError, CheckpointError, FileNotFoundError, PermissionError)
+# Their DEBUG records carry request headers (Authorization, x-amz-security-token) or call arguments (SSE keys).
+CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3")
 
 DESCRIPTIONS = {
     "classify": "Classify images with ViT Hybrid: top-k labels, scores and embeddings to Parquet.",
@@ -79,7 +97,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                          help="images with more pixels become error rows (decompression-bomb guard)")
     compute.add_argument("--max-error-fraction", type=float, default=defaults.max_error_fraction,
                          help="abort (after committing finished shards) when more than this fraction of samples fail")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--log-level", default="INFO",
+                        help="logging level (botocore, aiobotocore, s3fs and urllib3 stay at INFO or above: their debug "
+                             "logs show request headers and call arguments, which can hold credentials)")
     return parser
 
 
@@ -89,18 +109,48 @@ def config_from_args(task: str, args: argparse.Namespace) -> JobConfig:
     return JobConfig(task=task, **values)
 
 
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record without its traceback (the record itself is left intact for the other handlers)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _keep_ray_data_tracebacks_off_the_console() -> None:
+    """When a task fails, Ray Data logs the whole traceback (Ray's frames and the worker's) on the console before the
+    exception reaches us. Keep its one-line message there, and the traceback in Ray Data's log file, whose path it
+    prints when the dataset starts: the command line ends with its own ``error:`` line naming the URI and cause."""
+    import ray.data  # noqa: F401 - importing it configures its loggers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console" and handler.formatter is not None:
+            handler.setFormatter(_WithoutTraceback(handler.formatter._fmt, handler.formatter.datefmt))
+
+
 def main(task: str, argv: Sequence[str] | None = None) -> int:
-    args = build_parser(task).parse_args(argv)
+    parser = build_parser(task)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = config_from_args(task, args)
-
-    import ray
-
-    ray.init()
+    for name in CREDENTIAL_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logging.INFO, logger.getEffectiveLevel()))
+    _keep_ray_data_tracebacks_off_the_console()
+    try:
+        config = config_from_args(task, args)
+    except ValueError as error:
+        parser.error(str(error))  # exits with code 2 and the usage line
     try:
         summary = run_job(config)
     except JobAborted as aborted:
         print(f"aborted: {aborted}", file=sys.stderr)
-        return 3
+        return EXIT_ABORTED
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
     print(summary.line())
     return 0

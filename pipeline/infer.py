@@ -8,7 +8,7 @@ cores where the cluster has no GPU).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from model import ViTHybridForImageClassification
 from model.processing import ViTHybridImageProcessor
+from pipeline.failpoints import failpoint
 from pipeline.sink import build_output_table
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class InferenceSettings:
     normalize_embeddings: bool = False
     torch_threads: int | None = None
     channels_last: bool = True
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
 
 class InferenceActor:
@@ -127,6 +128,7 @@ class InferenceActor:
         logger.info("inference actor ready: %s on %s in %s", settings.model_uri, self.device, self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        failpoint("infer.batch")
         errors = [error if error != NO_ERROR else None for error in batch["error"]]
         good = np.array([error is None for error in errors], dtype=bool)
         count = len(errors)

@@ -20,7 +20,9 @@ Who writes what, in which order:
    (:class:`OutputConflictError`), because mixing two models' outputs under one prefix cannot be undone row by row.
    The recorded plan, not a fresh listing, decides which shards the job has, so a resume never changes the input set.
 2. Rows of many shards arrive at the driver mixed and in any order; :class:`ShardAssembler` buffers them per shard and
-   hands out a shard once every ordinal ``0..n-1`` has arrived exactly once.
+   hands out a shard once every ordinal ``0..n-1`` has arrived. A row that arrives again (a Ray task that died and
+   was re-executed may send rows twice) is recognised by its ordinal, key and source and dropped, so the shard
+   holds each row once.
 3. For each complete shard, :func:`pipeline.sink.commit_shard`:
 
    a. sorts the rows by ordinal and cuts them into files of at most ``rows_per_file`` rows, named
@@ -80,7 +82,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.failpoints import failpoint
 from pipeline.storage import (
     StorageOptions,
     filesystem_for,
@@ -784,6 +788,7 @@ class OutputState:
         """Manifest, summary, then ``_SUCCESS``, in that order; returns the manifest."""
         manifest = self.write_manifest()
         self.write_summary(summary)
+        failpoint("finish.before_success")
         self.write_success()
         logger.info(
             "finished %s: %d rows (%d errors) in %d files",
@@ -814,9 +819,18 @@ class ShardAssembler:
 
     Result tables carry ``shard_id`` (string), ``ordinal`` (int64, the row's position in its shard) and
     ``shard_rows`` (int64, null except on the shard's last row, where it holds the shard's row count). A shard is
-    complete when ``shard_rows`` is known and ordinals ``0..n-1`` have each arrived once. Every shard has at least one
+    complete when ``shard_rows`` is known and ordinals ``0..n-1`` have all arrived. Every shard has at least one
     row (a shard that yields no images produces an error row upstream), because a shard with no rows would have no
     row to carry its count and could never complete.
+
+    Re-sent rows are dropped, not refused. When a Ray task or actor dies after some of its output reached the next
+    stage, Ray re-executes it from the start; Ray core drops the retry's outputs whose index was already delivered,
+    which is exactly-once only as long as the retry cuts its output into the same blocks. Block cuts depend on
+    sizes and timing inside Ray Data, so a row may arrive twice. A row whose ordinal already arrived with the same
+    ``key`` and ``source`` is that row again: it is dropped (keeping the first copy) and counted in
+    :attr:`rows_resent`; a later row of a shard already handed out is dropped the same way. A second row that claims
+    an ordinal with a different key or source, an ordinal beyond the shard's size, or a different ``shard_rows`` is
+    a bug upstream and raises :class:`ShardAssemblyError`.
 
     Example::
 
@@ -828,7 +842,11 @@ class ShardAssembler:
 
     def __init__(self) -> None:
         self._buffers: dict[str, _ShardBuffer] = {}
-        self._completed: set[str] = set()
+        self._completed: dict[str, int] = {}  # shard_id -> its row count, for rows re-sent after completion
+        #: Rows accepted (each input sample once), error rows among them, and duplicate rows dropped.
+        self.rows_accepted = 0
+        self.error_rows_accepted = 0
+        self.rows_resent = 0
 
     @property
     def buffered_rows(self) -> int:
@@ -867,7 +885,7 @@ class ShardAssembler:
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             if self._add_rows(shard_id, part, ordinals[rows], totals[rows], has_total[rows]):
                 buffer = self._buffers.pop(shard_id)
-                self._completed.add(shard_id)
+                self._completed[shard_id] = int(buffer.expected or 0)
                 shard = pa.concat_tables(buffer.tables).drop_columns([SHARD_ID_COLUMN, SHARD_ROWS_COLUMN])
                 completed.append((shard_id, shard))
         return completed
@@ -893,20 +911,20 @@ class ShardAssembler:
         self, shard_id: str, part: pa.Table, ordinals: np.ndarray, totals: np.ndarray, has_total: np.ndarray
     ) -> bool:
         """Record one shard's rows from a batch (``totals`` counts only where ``has_total``); True once complete."""
-        if shard_id in self._completed:
-            raise ShardAssemblyError(
-                f"shard {shard_id!r}: {len(ordinals)} row(s) arrived after the shard was complete "
-                f"(ordinals {ordinals[:5].tolist()}); rows were produced twice upstream"
-            )
-        buffer = self._buffers.setdefault(shard_id, _ShardBuffer())
         if ordinals.min() < 0:
             raise ShardAssemblyError(f"shard {shard_id!r}: negative ordinal {int(ordinals.min())}")
-        unique, counts = np.unique(ordinals, return_counts=True)
-        if (counts > 1).any():
-            raise ShardAssemblyError(
-                f"shard {shard_id!r}: ordinal(s) {unique[counts > 1][:5].tolist()} appear more than once in one batch; "
-                "rows were produced twice upstream"
-            )
+        if shard_id in self._completed:
+            size = self._completed[shard_id]
+            if ordinals.max() >= size or (has_total.any() and (totals[has_total] != size).any()):
+                raise ShardAssemblyError(
+                    f"shard {shard_id!r}: row(s) with ordinals {ordinals[:5].tolist()} arrived after the shard was "
+                    f"complete with {size} rows, and do not fit it; rows were produced differently upstream"
+                )
+            # The buffer is gone, so keys cannot be compared; in range, these can only be copies of delivered rows.
+            self.rows_resent += len(ordinals)
+            logger.info("shard %s: dropped %d row(s) re-sent after the shard was complete", shard_id, len(ordinals))
+            return False
+        buffer = self._buffers.setdefault(shard_id, _ShardBuffer())
         for total, ordinal in zip(totals[has_total].tolist(), ordinals[has_total].tolist()):
             if total < 1 or ordinal != total - 1 or (buffer.expected is not None and buffer.expected != total):
                 raise ShardAssemblyError(
@@ -914,25 +932,57 @@ class ShardAssembler:
                     f"{buffer.expected}); it must be set only on the last row (ordinal n-1) with n >= 1"
                 )
             buffer.expected = total
-        needed = int(unique[-1]) + 1
+        needed = int(ordinals.max()) + 1
         if needed > buffer.seen.size:
             grown = np.zeros(max(needed, 2 * buffer.seen.size, buffer.expected or 0), dtype=bool)
             grown[: buffer.seen.size] = buffer.seen
             buffer.seen = grown
-        if buffer.seen[ordinals].any():
-            raise ShardAssemblyError(
-                f"shard {shard_id!r}: ordinal(s) {ordinals[buffer.seen[ordinals]][:5].tolist()} arrived twice; "
-                "rows were produced twice upstream"
-            )
-        buffer.seen[ordinals] = True
-        buffer.tables.append(part)
-        buffer.received += len(ordinals)
-        buffer.nbytes += part.nbytes
+        # Fresh rows: the first copy of each ordinal within this batch, and not delivered by an earlier batch.
+        _, first_positions = np.unique(ordinals, return_index=True)
+        fresh = np.zeros(len(ordinals), dtype=bool)
+        fresh[first_positions] = True
+        fresh &= ~buffer.seen[ordinals]
+        if not fresh.all():
+            self._check_resent(shard_id, buffer, part, fresh)
+            self.rows_resent += int(np.count_nonzero(~fresh))
+            part = part.filter(pa.array(fresh))
+            ordinals = ordinals[fresh]
+        if len(ordinals):
+            buffer.seen[ordinals] = True
+            buffer.tables.append(part)
+            buffer.received += len(ordinals)
+            buffer.nbytes += part.nbytes
+            self.rows_accepted += len(ordinals)
+            if "error" in part.column_names:
+                self.error_rows_accepted += part.num_rows - part.column("error").null_count
         if buffer.expected is None:
             return False
-        if needed > buffer.expected or buffer.seen[buffer.expected :].any():
+        if buffer.seen.size > buffer.expected and buffer.seen[buffer.expected :].any():
             raise ShardAssemblyError(
                 f"shard {shard_id!r}: ordinal {int(np.flatnonzero(buffer.seen)[-1])} is beyond the shard's "
                 f"{buffer.expected} rows"
             )
         return buffer.received == buffer.expected
+
+    @staticmethod
+    def _check_resent(shard_id: str, buffer: _ShardBuffer, part: pa.Table, fresh: np.ndarray) -> None:
+        """Raise unless every non-fresh row of ``part`` has the key and source of the row that holds its ordinal."""
+        identity = [ORDINAL_COLUMN, "key", "source"]
+        if not set(identity) <= set(part.column_names):
+            raise ShardAssemblyError(
+                f"shard {shard_id!r}: ordinal(s) arrived twice and the rows carry no key/source to compare"
+            )
+        repeats = part.filter(pa.array(~fresh)).select(identity)
+        earlier = [table.select(identity) for table in buffer.tables]
+        known = pa.concat_tables([*earlier, part.filter(pa.array(fresh)).select(identity)])
+        wanted = repeats.column(ORDINAL_COLUMN).combine_chunks()
+        known = known.filter(pc.is_in(known.column(ORDINAL_COLUMN), value_set=wanted))
+        first = {row[ORDINAL_COLUMN]: (row["key"], row["source"]) for row in known.to_pylist()}
+        for row in repeats.to_pylist():
+            original = first.get(row[ORDINAL_COLUMN])
+            if original != (row["key"], row["source"]):
+                raise ShardAssemblyError(
+                    f"shard {shard_id!r}: ordinal {row[ORDINAL_COLUMN]} arrived twice with different samples "
+                    f"({original} and {(row['key'], row['source'])}); rows were produced differently upstream"
+                )
+        logger.info("shard %s: dropped %d re-sent row(s) (a retried task sent them again)", shard_id, len(repeats))

@@ -4,6 +4,21 @@ The plan: input shards (a frozen list, recorded in the output so a rerun resumes
 read each shard and decode + preprocess its images to uint8 -> a pool of inference actors -> the driver, which groups
 result rows by shard and commits each shard's Parquet files once all its rows have arrived. See
 :mod:`pipeline.manifest` for the commit protocol and why it gives exactly-once output across kills and reruns.
+
+What each failure does
+    * The driver is killed (SIGKILL, OOM, node loss) or the cluster stops: only the driver writes the output, and
+      committed shards are skipped on the rerun of the same command, which redoes the rest from their first rows.
+      An in-process Ray dies with its driver; its last two agent processes exit on their own about a minute later
+      and do not disturb a rerun (tests/test_resume.py).
+    * A read/decode task or an inference actor dies: Ray re-executes it (Ray Data's defaults retry without limit);
+      rows the dead attempt already delivered and the retry sends again are dropped by :class:`ShardAssembler`, and
+      a shard whose rows never all arrive is not committed (:class:`IncompleteShardsError`; a rerun redoes it).
+    * Transient storage errors: every storage call is retried with backoff (:func:`pipeline.storage.with_retries`).
+    * Storage errors that persist, a bad model, input or output: :class:`JobError` (or ``InputError``,
+      ``OutputConflictError``, ``CheckpointError``) naming the URI and cause; model, input and (when the dtype does
+      not depend on the cluster) output are checked before Ray starts.
+    * Too many undecodable samples: :class:`JobAborted` once more than ``max_error_fraction`` of at least 100
+      samples failed, after the finished shards are committed.
 """
 
 from __future__ import annotations
@@ -13,16 +28,19 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from model.processing import ViTHybridImageProcessor
 from pipeline import decode, sources
-from pipeline.infer import NO_ERROR, NOT_LAST_ROW, InferenceActor, InferenceSettings
-from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments
+from pipeline.failpoints import failpoint
+from pipeline.infer import NO_ERROR, NOT_LAST_ROW, InferenceActor, InferenceSettings, resolve_dtype
+from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
 logger = logging.getLogger(__name__)
@@ -82,6 +100,7 @@ class JobSummary:
     shards_total: int = 0
     shards_skipped: int = 0
     shards_committed: int = 0
+    rows_resent: int = 0  # rows that reached the driver twice (a retried Ray task) and were dropped as duplicates
     seconds: float = 0.0
     status: str = "running"
 
@@ -102,6 +121,17 @@ class JobSummary:
 
 class JobAborted(RuntimeError):
     """The job stopped on purpose (too many bad samples); what it finished is committed."""
+
+
+class JobError(RuntimeError):
+    """The job cannot start or go on for a reason to fix outside the code: storage refuses the model, input or output,
+    or a shard cannot be read. The message names the URI and the cause; ``jobs.cli`` prints it without a traceback.
+    Shards committed before the error are kept: after the fix, the same command resumes.
+    """
+
+
+class IncompleteShardsError(JobError):
+    """The dataset ended while some shards still missed rows (rows lost between stages); a rerun redoes them."""
 
 
 def read_and_decode_shards(
@@ -138,6 +168,7 @@ def read_and_decode_shards(
             rows_seen += len(decoded["key"])
             if held is not None:
                 yield held
+                failpoint("read.batch")  # mid-shard: a batch is out, the shard's last row is not
             held = _with_shard_columns(decoded, shard.shard_id, last_row_total=None)
         if held is None:
             raise RuntimeError(f"shard {shard.shard_id} produced no rows; sources must yield at least one row")
@@ -163,14 +194,20 @@ def _with_shard_columns(decoded: dict[str, Any], shard_id: str, *, last_row_tota
     }
 
 
-def build_fingerprint(config: JobConfig, weights_sha256: str, processor: ViTHybridImageProcessor) -> JobFingerprint:
-    """What the output depends on; a resume with anything different would mix incompatible rows."""
+def build_fingerprint(
+    config: JobConfig, weights_sha256: str, processor: ViTHybridImageProcessor, compute_dtype: str
+) -> JobFingerprint:
+    """What the output depends on; a resume with anything different would mix incompatible rows.
+
+    ``compute_dtype`` is the dtype the actors will really use (``"auto"`` resolved for this cluster), so that a job
+    started on GPUs in bfloat16 is not silently finished in float32 on a CPU-only cluster, or the other way round.
+    """
     return JobFingerprint(
         task=config.task,
         model_uri=config.model,
         weights_sha256=weights_sha256,
         preprocessing={**processor.to_dict(), "fast_decode": config.fast_decode},
-        dtype=config.dtype,
+        dtype=compute_dtype,
         top_k=config.top_k if config.task == "classify" else None,
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
@@ -178,65 +215,152 @@ def build_fingerprint(config: JobConfig, weights_sha256: str, processor: ViTHybr
 
 
 def run_job(config: JobConfig) -> JobSummary:
-    """Run (or resume) a job to completion and return its summary; raises JobAborted past the error budget.
+    """Run (or resume) a job to completion and return its summary.
 
-    Ray must already be initialised (the jobs call ``ray.init()``), so the same code runs in-process and under
-    ``ray job submit``.
+    Raises :class:`JobAborted` past the error budget, :class:`JobError` when storage refuses the model, input or
+    output (the message names the URI), :class:`pipeline.sources.InputError` for an input that names nothing readable
+    and :class:`pipeline.manifest.OutputConflictError` when the output holds another job's results.
+
+    The model, the input and (when the compute dtype does not depend on the cluster) the output are checked before
+    Ray is needed; then ``ray.init()`` is called unless Ray is already initialised, so the same code runs in-process,
+    in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
-    import ray
-
     from model.configuration import ViTHybridConfig
     from model.weights import load_checkpoint
 
     started = time.monotonic()
-    model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
-    # Reading the weights here (once, on the driver) fails fast on a bad --model and gives the sha256 for provenance.
-    _, checkpoint = load_checkpoint(config.model, storage_options=config.storage_options)
-    processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
-    fingerprint = build_fingerprint(config, checkpoint.sha256, processor)
+    with _storage_step("cannot load model", config.model):
+        model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
+        # Reading the weights here (once, on the driver) fails fast on a bad --model and gives the sha256.
+        _, checkpoint = load_checkpoint(config.model, storage_options=config.storage_options)
+        processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
+    with _storage_step("cannot read input", config.input):
+        planned = sources.plan_shards(
+            config.input,
+            format=config.format,
+            storage_options=config.storage_options,
+            images_per_shard=config.images_per_shard,
+        )
 
-    planned = sources.plan_shards(
-        config.input,
-        format=config.format,
-        storage_options=config.storage_options,
-        images_per_shard=config.images_per_shard,
-    )
-    state = OutputState.open(
-        config.output,
-        fingerprint,
-        [shard.to_dict() for shard in planned],
-        sanitize_arguments(asdict(config)),
-        overwrite=config.overwrite,
-        storage_options=config.storage_options,
-    )
+    compute_dtype = _dtype_without_cluster(config)
+    use_gpu: bool | None = None
+    if compute_dtype is None:  # "auto" on "auto": bfloat16 if the cluster has GPUs, else float32
+        use_gpu = _use_gpu(config, _connect_ray())
+        compute_dtype = _dtype_name(resolve_dtype(config.dtype, torch.device("cuda" if use_gpu else "cpu")))
+    fingerprint = build_fingerprint(config, checkpoint.sha256, processor, compute_dtype)
+    with _storage_step("cannot open output", config.output):
+        state = OutputState.open(
+            config.output,
+            fingerprint,
+            [shard.to_dict() for shard in planned],
+            sanitize_arguments(asdict(config)),
+            overwrite=config.overwrite,
+            storage_options=config.storage_options,
+        )
     plan = [sources.Shard.from_dict(item) for item in state.shard_plan]
     pending = [shard for shard in plan if shard.shard_id not in state.committed_shard_ids]
-    summary = JobSummary(output=config.output, shards_total=len(plan), shards_skipped=len(plan) - len(pending))
+    summary = JobSummary(
+        output=sanitize_uri(config.output), shards_total=len(plan), shards_skipped=len(plan) - len(pending)
+    )
     logger.info("%d shards planned, %d already committed, %d to do", len(plan), summary.shards_skipped, len(pending))
+    if not pending and state.resumed:
+        with _storage_step("cannot read output", config.output):
+            complete = state.is_complete
+        if complete:
+            # Rerunning a finished job must not overwrite its manifest and summary with an empty run's figures.
+            summary.status = "already complete"
+            summary.seconds = time.monotonic() - started
+            return summary
 
     schema = output_schema(config.task, model_config.hidden_size, config.embedding_dtype)
     if pending:
-        dataset = _build_dataset(config, pending, processor, ray)
+        if use_gpu is None:
+            use_gpu = _use_gpu(config, _connect_ray())
+        dataset = _build_dataset(config, pending, processor, use_gpu=use_gpu, compute_dtype=compute_dtype)
         try:
             _consume_and_commit(config, dataset, summary, state.parquet_metadata, schema)
         except JobAborted:
             summary.seconds = time.monotonic() - started
-            state.write_summary(summary.to_dict())
+            with _storage_step("cannot write output", config.output):
+                state.write_summary(summary.to_dict())
             raise
 
     summary.seconds = time.monotonic() - started
     summary.status = "succeeded"
-    state.finish(summary.to_dict())
+    with _storage_step("cannot write output", config.output):
+        state.finish(summary.to_dict())
     return summary
 
 
-def _build_dataset(config, pending, processor, ray):  # noqa: ANN001 - internal glue, typed by callers
+def _connect_ray() -> Any:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return ray
+
+
+def _use_gpu(config: JobConfig, ray: Any) -> bool:
+    gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
+    if config.device == "cuda" and gpus_in_cluster == 0:
+        raise JobError("--device cuda was asked for, but the Ray cluster has no GPUs")
+    return config.device != "cpu" and gpus_in_cluster > 0
+
+
+def _dtype_without_cluster(config: JobConfig) -> str | None:
+    """The compute dtype when it does not depend on the cluster's GPUs, else None."""
+    if config.dtype != "auto":
+        return _dtype_name(resolve_dtype(config.dtype, torch.device("cpu")))  # a named dtype ignores the device
+    if config.device == "cpu":
+        return _dtype_name(resolve_dtype("auto", torch.device("cpu")))
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_storage_error(error: BaseException) -> bool:
+    # fsspec and s3fs raise OSError subclasses (FileNotFoundError, PermissionError, ...); botocore raises its own
+    # types for what it finds before sending a request (no credentials, an unreachable endpoint).
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("botocore", "aiobotocore")
+
+
+def _describe_storage_error(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, PermissionError) or "credential" in text.lower() or "accessdenied" in text.lower():
+        text += " (check the credentials: AWS_* variables, a profile, or --storage-options)"
+    return text
+
+
+@contextmanager
+def _storage_step(what: str, uri: str) -> Iterator[None]:
+    """Turn a storage failure inside the block into a :class:`JobError` that names ``uri`` (credentials masked).
+
+    Only storage errors are converted: anything else is a bug or a data problem and keeps its own type.
+    """
+    try:
+        yield
+    except JobError:
+        raise
+    except Exception as error:  # noqa: BLE001 - filtered right below, re-raised unless it is a storage error
+        if not _is_storage_error(error):
+            raise
+        raise JobError(f"{what} {sanitize_uri(uri)}: {_describe_storage_error(error)}") from error
+
+
+def _build_dataset(
+    config: JobConfig,
+    pending: list[sources.Shard],
+    processor: ViTHybridImageProcessor,
+    *,
+    use_gpu: bool,
+    compute_dtype: str,
+) -> Any:
+    import ray
     from ray.data import ActorPoolStrategy
 
     gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
-    if config.device == "cuda" and gpus_in_cluster == 0:
-        raise ValueError("--device cuda was asked for, but the Ray cluster has no GPUs")
-    use_gpu = config.device != "cpu" and gpus_in_cluster > 0
     batch_size = config.batch_size or (256 if use_gpu else 16)
     if use_gpu:
         max_actors = config.max_actors or gpus_in_cluster
@@ -249,7 +373,7 @@ def _build_dataset(config, pending, processor, ray):  # noqa: ANN001 - internal 
         model_uri=config.model,
         task=config.task,
         top_k=config.top_k,
-        dtype=config.dtype,
+        dtype=compute_dtype,
         device="cuda" if use_gpu else "cpu",
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
@@ -289,40 +413,95 @@ def _build_dataset(config, pending, processor, ray):  # noqa: ANN001 - internal 
 def _consume_and_commit(
     config: JobConfig, dataset: Any, summary: JobSummary, metadata: dict[str, str], schema: pa.Schema
 ) -> None:
-    """Pull result batches to the driver, commit each shard as soon as all its rows are in, watch the error budget."""
+    """Pull result batches to the driver, commit each shard as soon as all its rows are in, watch the error budget.
+
+    Samples and errors are counted from the rows the assembler accepts, so rows that a retried Ray task sent twice
+    count once. When reading a shard fails for a storage reason, the shards already complete are still committed
+    before the :class:`JobError` naming the shard is raised.
+    """
     assembler = ShardAssembler()
     in_flight: list[Future] = []
+    failure: JobError | None = None
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="commit") as committer:
-        for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            summary.samples += table.num_rows
-            summary.errors += table.num_rows - table["error"].null_count
-            for shard_id, shard_table in assembler.add(table):
-                in_flight.append(
-                    committer.submit(
-                        commit_shard,
-                        config.output,
-                        shard_id,
-                        shard_table,
-                        rows_per_file=config.rows_per_file,
-                        metadata=metadata,
-                        storage_options=config.storage_options,
-                        schema=schema,
-                    )
-                )
-            in_flight = _collect_finished(in_flight, summary)
-            if _error_budget_exceeded(summary, config.max_error_fraction):
-                break
+        try:
+            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                completed = assembler.add(table)
+                summary.samples = assembler.rows_accepted
+                summary.errors = assembler.error_rows_accepted
+                summary.rows_resent = assembler.rows_resent
+                for shard_id, shard_table in completed:
+                    in_flight.append(committer.submit(_commit, config, shard_id, shard_table, metadata, schema))
+                in_flight = _collect_finished(in_flight, summary)
+                if _error_budget_exceeded(summary, config.max_error_fraction):
+                    break
+        except Exception as error:  # noqa: BLE001 - only a shard read error is translated; the rest re-raised
+            read_error = _find_cause(error, sources.ShardReadError)
+            if read_error is None:
+                raise
+            # Ray Data appends its retry advice to the exception's message; the first line is ours.
+            reason = str(read_error).split("\n", 1)[0]
+            failure = JobError(
+                f"cannot read input: {reason}. Shards finished before it are committed to "
+                f"{summary.output}; once the input is readable, run the same command again to resume."
+            )
         for future in in_flight:
             future.result()
             summary.shards_committed += 1
+    if failure is not None:
+        raise failure from None
     if _error_budget_exceeded(summary, config.max_error_fraction):
         summary.status = "aborted"
         raise JobAborted(
             f"{summary.errors} of {summary.samples} samples failed to decode "
             f"(more than --max-error-fraction {config.max_error_fraction}); "
-            f"{summary.shards_committed} finished shards were committed to {config.output}. "
-            "Check the input, or raise --max-error-fraction."
+            f"{summary.shards_committed} finished shards were committed to {summary.output}. "
+            "Check the input, or raise --max-error-fraction and run the same command again to resume."
         )
+    incomplete = assembler.pending_shards()
+    if incomplete:
+        described = ", ".join(
+            f"{shard_id} ({received} of {expected if expected is not None else '?'} rows)"
+            for shard_id, (received, expected) in sorted(incomplete.items())[:5]
+        )
+        raise IncompleteShardsError(
+            f"the dataset ended with {len(incomplete)} shard(s) still missing rows: {described}. Their rows were "
+            f"lost between stages, so they were not committed; {summary.shards_committed} complete shards were. "
+            "Run the same command again to redo the missing shards."
+        )
+
+
+def _commit(
+    config: JobConfig, shard_id: str, table: pa.Table, metadata: dict[str, str], schema: pa.Schema
+) -> None:
+    with _storage_step(f"cannot commit shard {shard_id} to", config.output):
+        commit_shard(
+            config.output,
+            shard_id,
+            table,
+            rows_per_file=config.rows_per_file,
+            metadata=metadata,
+            storage_options=config.storage_options,
+            schema=schema,
+        )
+
+
+def _find_cause(error: BaseException, wanted: type[BaseException]) -> BaseException | None:
+    """The first ``wanted`` exception in ``error``'s chain: Ray wraps a task's exception (``RayTaskError.cause``),
+    and Ray Data wraps that again (``__cause__``)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        original = getattr(current, "cause", None)
+        if isinstance(current, wanted) and not isinstance(original, BaseException):
+            return current
+        if isinstance(original, BaseException):
+            pending.append(original)
+        pending.extend([current.__context__, current.__cause__])
+    return None
 
 
 MIN_SAMPLES_FOR_ERROR_BUDGET = 100

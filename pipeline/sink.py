@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.failpoints import failpoint
 from pipeline.manifest import ORDINAL_COLUMN, CommitRecord, OutputLayout, check_shard_id
 from pipeline.storage import StorageOptions
 
@@ -314,6 +315,7 @@ class ParquetShardWriter:
             layout.publish(name, data, pending_name=layout.pending_name(shard_id, name))
             files.append(name)
         layout.remove_stale_parts(shard_id, keep=files)
+        failpoint("commit.before_record")  # data files published, shard not committed yet
         error_rows = table.num_rows - table.column("error").null_count
         record = CommitRecord(shard_id=shard_id, files=files, rows=table.num_rows, error_rows=error_rows)
         layout.write_commit(record)

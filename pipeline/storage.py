@@ -88,14 +88,20 @@ _TRANSIENT_MARKERS = (
 )
 
 
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO)}
+)
+
+
 def is_transient(error: BaseException) -> bool:
     """True for errors worth retrying (throttling, 5xx, resets); False for missing objects, auth, bad input."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
-    # s3fs reports S3 throttling (503 SlowDown) as OSError(EBUSY, "Please reduce your request rate.").
-    if isinstance(error, OSError) and error.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.EBUSY):
+    # s3fs reports S3 throttling (503 SlowDown) as OSError(EBUSY, "Please reduce your request rate.") and a 500
+    # InternalError as OSError(EREMOTEIO, "We encountered an internal error. Please try again.").
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
         return True
     text = f"{type(error).__name__} {error}".lower()
     return any(marker in text for marker in _TRANSIENT_MARKERS)

@@ -24,6 +24,7 @@ def start_local_ray() -> None:
 
     python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
+        address="local",  # a new local Ray even when someone has a cluster running on this machine
         num_cpus=2,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},

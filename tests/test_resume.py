@@ -1,0 +1,175 @@
+"""Kill the job (SIGKILL, as an OOM kill or a lost node would) at each stage, rerun the same command, and get exactly
+the clean run's output: the same files with the same rows, every committed shard left untouched.
+
+The job runs as ``python -m jobs.classify`` in a subprocess with its own in-process Ray (tests/reliability.py), so
+the SIGKILL takes the driver and, through Ray's fate sharing, the whole local cluster down with it. The stages are
+hit deterministically with :mod:`pipeline.failpoints`: a read task or an inference actor pauses at a named point
+(the test waits for its marker file, then kills the driver from outside), or the driver kills itself between
+publishing a shard's data files and writing its commit record, and between the manifest and ``_SUCCESS``. Each
+rerun resumes the previous one, so the last run finishes a job that was killed four times.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.reliability import (
+    all_names,
+    assert_no_traceback,
+    assert_same_output,
+    assert_visible_files_match,
+    committed_shards,
+    error_line,
+    kill_hard,
+    make_checkpoint,
+    modification_times,
+    OrphanWatch,
+    read_json,
+    reference_job,
+    run_job,
+    short_tmpdir,
+    start_job,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
+    return reference_job(tmp_path_factory, s3_endpoint)
+
+
+# After a SIGKILL of the driver, Ray's own processes end without help: GCS, raylet, dashboard and monitors die with
+# the driver (the kernel signals them: Ray starts them with PR_SET_PDEATHSIG), workers and actors exit within seconds
+# of losing their raylet. Only the raylet's two agents (DashboardAgent, RuntimeEnvAgent) notice at once but then
+# spend about a minute trying to report the raylet's death to the dead GCS before they exit. They hold no job state;
+# the one visible effect is that the dashboard agent's HTTP port (52365) stays taken meanwhile, so a rerun within
+# that minute runs with its agent's HTTP service disabled (logged by Ray; the job itself is unaffected).
+AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def process_titles(pids: list[int]) -> list[str]:
+    titles = []
+    for pid in pids:
+        try:
+            titles.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace"))
+        except OSError:
+            continue
+    return titles
+
+
+@pytest.fixture()
+def orphans():
+    """Watches the Ray processes of killed drivers (nothing here signals them). At the end, all but the two agents
+    must be gone; the agents are left to exit on their own, which they do about a minute after the kill."""
+    watch = OrphanWatch()
+    folders: list[str] = []
+    yield watch, folders
+
+    def non_agents() -> dict[str, list[str]]:
+        running = {folder: process_titles(pids) for folder, pids in watch.still_running().items()}
+        return {folder: [t for t in titles if t not in AGENTS] for folder, titles in running.items() if titles}
+
+    deadline = time.monotonic() + 30
+    while any(non_agents().values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftovers = {folder: titles for folder, titles in non_agents().items() if titles}
+    watch.stop()
+    print(f"seconds until each killed driver's Ray processes were gone (None: agents still exiting): {watch.lifetimes}")
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert not leftovers, f"Ray processes of killed drivers still running: {leftovers}"
+
+
+def files_of_committed_shards(output: str) -> list[str]:
+    names = []
+    for shard_id in committed_shards(output):
+        names.append(f"_commits/{shard_id}.json")
+        names.extend(read_json(output, f"_commits/{shard_id}.json")["files"])
+    return names
+
+
+# (stage, failpoints, how the driver dies): "pause" points are waited for and the driver killed from outside;
+# the others make the driver SIGKILL itself.
+STAGES = [
+    ("reading", "read.batch=1:pause@{marker}", "external"),
+    ("inference", "infer.batch=5:pause@{marker}", "external"),
+    ("writing", "commit.before_record=1", "self"),
+    ("finishing", "finish.before_success", "self"),
+]
+
+
+def test_killed_at_every_stage_then_resumed_gives_the_clean_output(reference, orphans, tmp_path: Path) -> None:
+    watch, folders = orphans
+
+    def ray_tmpdir() -> str:
+        folders.append(short_tmpdir())
+        return folders[-1]
+
+    output = str(tmp_path / "out")
+    args = reference.args(output)
+    for stage, failpoints, death in STAGES:
+        before = files_of_committed_shards(output) if Path(output).exists() else []
+        stamps = modification_times(output, before)
+        marker = tmp_path / f"{stage}.marker"
+        process = start_job(
+            args,
+            ray_tmpdir=ray_tmpdir(),
+            env={"VIT_HYBRID_FAILPOINTS": failpoints.format(marker=marker)},
+            log=tmp_path / f"{stage}.log",
+        )
+        if death == "external":
+            wait_for(marker.exists, timeout_s=180, what=f"the {stage} failpoint", process=process)
+            kill_hard(process)
+        else:
+            process.wait(timeout=300)
+        watch.watch(folders[-1])
+        log = (tmp_path / f"{stage}.log").read_text(errors="replace")
+        assert process.returncode == -9, f"{stage}: exit {process.returncode}\n{log[-3000:]}"
+
+        # What a reader sees right after the kill: only complete files, each equal to the clean run's.
+        names = all_names(output)
+        assert "_job.json" in names and "_SUCCESS" not in names, (stage, names)
+        assert_visible_files_match(output, reference.output)
+        for shard_id in committed_shards(output):
+            name = f"_commits/{shard_id}.json"
+            assert read_json(output, name) == read_json(reference.output, name), (stage, shard_id)
+        # Shards committed by earlier runs were not redone: their records and files were not written again.
+        assert modification_times(output, before) == stamps, stage
+        if stage == "writing":
+            uncommitted = {name for name in names if name.endswith(".parquet")} - set(files_of_committed_shards(output))
+            assert uncommitted, "the kill between data files and commit record left no uncommitted data file"
+        if stage == "finishing":
+            assert len(committed_shards(output)) == len(committed_shards(reference.output))
+            assert "_manifest.json" in names
+
+    before = files_of_committed_shards(output)
+    stamps = modification_times(output, before)
+    finished = run_job(args, ray_tmpdir=ray_tmpdir())  # at once: the killed run's leftover Ray may still be alive
+    assert finished.returncode == 0, finished.stderr[-5000:]
+    assert modification_times(output, before) == stamps
+    assert_same_output(output, reference.output)
+    summary = json.loads((Path(output) / "_summary.json").read_text())
+    assert summary["shards_skipped"] == len(committed_shards(reference.output))  # everything was committed already
+    assert summary["samples"] == 0 and summary["status"] == "succeeded"
+
+    # A rerun of the finished job changes nothing (--device cpu: float32 like "auto" on this CPU-only machine, and
+    # known without starting Ray). A rerun with another model, preprocessing or dtype is refused before any work.
+    stamps = modification_times(output, all_names(output))
+    again = run_job([*args, "--device", "cpu"], ray_tmpdir=ray_tmpdir())
+    assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-3000:]
+    other_model = make_checkpoint(tmp_path / "other-model", seed=6)
+    changed = [*args, "--device", "cpu", "--model", other_model, "--exact-decode", "--dtype", "bfloat16"]
+    refused = run_job(changed, ray_tmpdir=ray_tmpdir())  # the last --model wins
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert_no_traceback(refused.stderr)
+    assert output in error_line(refused.stderr) and "holds results of a different job" in refused.stderr
+    differences = ("weights_sha256: '", "preprocessing: {", "'fast_decode': True", "dtype: 'float32' -> 'bfloat16'")
+    for difference in differences:
+        assert difference in refused.stderr, (difference, refused.stderr[-3000:])
+    assert "--overwrite" in refused.stderr
+    assert modification_times(output, all_names(output)) == stamps
