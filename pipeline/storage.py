@@ -77,6 +77,8 @@ _TRANSIENT_MARKERS = (
     "connection reset",
     "connection aborted",
     "connection refused",
+    "could not connect",  # botocore EndpointConnectionError (connection dropped or refused mid-request)
+    "connectionclosederror",
     "server disconnected",
     "timed out",
     "timeout",

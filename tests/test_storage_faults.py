@@ -117,6 +117,10 @@ def test_s3_throttling_server_errors_and_resets_count_as_transient() -> None:
     ]:
         assert not is_transient(s3_error(code, status, message)), code
     assert is_transient(ConnectionResetError(104, "Connection reset by peer"))
+    # A connection dropped before the response: botocore names the URL, and s3fs passes the error on unchanged.
+    from botocore.exceptions import EndpointConnectionError
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1/bucket/key.parquet"))
 
 
 # ---- permanent errors ------------------------------------------------------------------------------------------------
