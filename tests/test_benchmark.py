@@ -1,0 +1,186 @@
+"""The benchmark's arithmetic: the JPEG mix, the bounds and ratios, and one --quick run checked figure by figure.
+
+Speed is not tested (CI machines vary); what is tested is that every reported ratio is computed from the reported
+figures as documented, so the table can be trusted when it is run on real hardware.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from pipeline import benchmarking
+from pipeline.benchmarking import ImageKind
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def test_mix_kinds_puts_one_phone_photo_in_every_n() -> None:
+    kinds = benchmarking.mix_kinds(25, phone_every=10)
+    assert len(kinds) == 25
+    assert [index for index, kind in enumerate(kinds) if kind == "phone"] == [9, 19]
+    assert benchmarking.mix_kinds(5, phone_every=0) == ["imagenet"] * 5
+    assert benchmarking.mix_fractions(kinds) == {"imagenet": 23 / 25, "phone": 2 / 25}
+
+
+def test_mix_rate_adds_up_time_per_image() -> None:
+    # 9 images at 100/s (0.09 s) + 1 at 10/s (0.1 s): 10 images in 0.19 s.
+    rate = benchmarking.mix_rate({"imagenet": 100.0, "phone": 10.0}, {"imagenet": 0.9, "phone": 0.1})
+    assert rate == pytest.approx(10 / 0.19)
+    assert benchmarking.mix_rate({"imagenet": 50.0}, {"imagenet": 1.0}) == pytest.approx(50.0)
+    with pytest.raises(KeyError, match="phone"):
+        benchmarking.mix_rate({"imagenet": 50.0}, {"imagenet": 0.5, "phone": 0.5})
+
+
+@pytest.mark.parametrize(
+    ("model", "actors", "decode", "cpus", "bottleneck", "bound"),
+    [(0.6, 1, 150.0, 1, "model", 0.6), (1000.0, 2, 120.0, 15, "decode", 1800.0)],
+)
+def test_pipeline_bounds(model: float, actors: int, decode: float, cpus: float, bottleneck: str, bound: float) -> None:
+    bounds = benchmarking.pipeline_bounds(
+        model_images_per_s=model, actors=actors, decode_images_per_s_per_core=decode, decode_cpus=cpus,
+        end_to_end_images_per_s=0.9 * bound,
+    )
+    assert bounds.model_pool_images_per_s == pytest.approx(model * actors)
+    assert bounds.decode_capacity_images_per_s == pytest.approx(decode * cpus)
+    assert bounds.bound_images_per_s == pytest.approx(bound)
+    assert bounds.bottleneck == bottleneck
+    assert bounds.efficiency == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        benchmarking.pipeline_bounds(model_images_per_s=0, actors=1, decode_images_per_s_per_core=1, decode_cpus=1,
+                                     end_to_end_images_per_s=1)
+
+
+def test_two_point_rate_splits_fixed_and_marginal_time() -> None:
+    # 10 s fixed + 1 image/s: 32 images in 42 s, 64 in 74 s.
+    fit = benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=74.0,
+                                      bound_images_per_s=1.25)
+    assert fit.marginal_images_per_s == pytest.approx(1.0)
+    assert fit.fixed_s == pytest.approx(10.0)
+    assert fit.marginal_efficiency == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="not slower"):
+        benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=41.0, bound_images_per_s=1)
+    with pytest.raises(ValueError, match="larger"):
+        benchmarking.two_point_rate(small_images=64, small_seconds=42.0, images=64, seconds=50.0, bound_images_per_s=1)
+
+
+def test_peak_and_flop_utilisation() -> None:
+    assert benchmarking.peak_tflops_for("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert benchmarking.peak_tflops_for("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert benchmarking.peak_tflops_for("NVIDIA H200", "float32") == 67.0
+    assert benchmarking.peak_tflops_for("Some Future GPU", "bfloat16") is None
+    assert benchmarking.peak_tflops_for(None, "bfloat16") is None
+    # 100 GFLOPs per image at 1000 images/s = 100 TFLOP/s = 10% of 1000 TFLOP/s.
+    assert benchmarking.model_flop_utilisation(100e9, 1000.0, 1000.0) == pytest.approx(0.1)
+    assert benchmarking.model_flop_utilisation(100e9, 1000.0, None) is None
+
+
+def test_build_image_set_alternates_orientation_and_encodes_jpeg() -> None:
+    photos = benchmarking.sample_photographs()[:2]
+    kind = ImageKind("phone", 160, 120, grain=3.0)
+    images = benchmarking.build_image_set(kind, photos, count=3)
+    assert [(image.width, image.height) for image in images] == [(160, 120), (120, 160), (160, 120)]
+    assert [image.photo for image in images] == [photos[0][0], photos[1][0], photos[0][0]]
+    for image in images:
+        with Image.open(io.BytesIO(image.data)) as decoded:
+            assert decoded.format == "JPEG"
+            assert decoded.size == (image.width, image.height)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One --quick run, end to end.
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    from jobs.benchmark import main
+
+    path = tmp_path_factory.mktemp("benchmark") / "quick.json"
+    results = main(["--quick", "--device", "cpu", "--json", str(path)])
+    return results, json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_quick_run_json_matches_returned_figures(quick_results: tuple[dict, dict]) -> None:
+    results, written = quick_results
+    assert written == json.loads(json.dumps(results))
+
+
+@pytest.mark.slow
+def test_quick_run_model_and_decode_arithmetic(quick_results: tuple[dict, dict]) -> None:
+    results, _ = quick_results
+    settings, model, decode = results["settings"], results["model"], results["decode"]
+    assert settings["quick"] and model["device"] == "cpu" and model["dtype"] == "float32"
+    assert len(model["batch_seconds"]) == model["timed_batches"] == settings["timed_batches"] > 0
+    assert model["images_per_s"] == pytest.approx(
+        settings["batch_size"] * len(model["batch_seconds"]) / sum(model["batch_seconds"])
+    )
+    assert model["flops_per_image"] > 0 and model["actor_startup_s"] > 0
+
+    assert decode["kinds"] == ["imagenet", "phone"]
+    for kind in decode["kinds"]:
+        row = decode["per_kind"][kind]
+        assert row["fast"] > 0 and row["exact"] > 0 and row["avg_kb"] > 0
+        assert row["fast_over_exact"] == pytest.approx(row["fast"] / row["exact"])
+        if row["reference"] is not None:
+            assert row["fast_over_reference"] == pytest.approx(row["fast"] / row["reference"])
+        assert 0 <= row["max_abs_pixel_diff"] <= 255
+        agreement = row["top1_agreement"]
+        assert 0 <= agreement["identical_pixels"] <= agreement["agree"] <= agreement["images"]
+    # The phone photo is a >4x downscale: the fast path (JPEG draft, reducing gap) does change pixels there.
+    assert decode["per_kind"]["phone"]["max_abs_pixel_diff"] > 0
+
+    mix = decode["mix"]
+    fractions = mix["fractions"]
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    for path in ("fast", "exact"):
+        expected = 1 / sum(fraction / decode["per_kind"][kind][path] for kind, fraction in fractions.items())
+        assert mix[path] == pytest.approx(expected)
+    assert mix["fast_over_exact"] == pytest.approx(mix["fast"] / mix["exact"])
+    total = decode["top1_agreement"]
+    assert total["images"] == sum(decode["per_kind"][kind]["top1_agreement"]["images"] for kind in decode["kinds"])
+    assert total["agree"] == sum(decode["per_kind"][kind]["top1_agreement"]["agree"] for kind in decode["kinds"])
+    # The model runs (fast, exact and the +-1 noise control) only on images whose two crops differ.
+    assert total["control_images"] == total["images"] - total["identical_pixels"] > 0
+    assert 0 <= total["control_agree"] <= total["control_images"]
+    assert total["embedding_shift_over_between_photos"] > 0 and total["control_shift_over_between_photos"] > 0
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, dict]) -> None:
+    results, _ = quick_results
+    settings, e2e, bounds = results["settings"], results["end_to_end"], results["bounds"]
+    assert e2e["status"] == "succeeded"
+    assert e2e["samples"] == e2e["images"] == settings["images"] > 0
+    assert e2e["errors"] == 0
+    assert e2e["shards"] == math.ceil(settings["images"] / settings["images_per_shard"]) == e2e["shards_committed"]
+    assert e2e["phone_images"] == settings["images"] // settings["phone_every"]
+    assert e2e["seconds"] > 0
+    assert e2e["images_per_s"] == pytest.approx(e2e["samples"] / e2e["seconds"])
+    assert e2e["summary_images_per_s"] == pytest.approx(e2e["images_per_s"], abs=1e-3)  # the summary rounds
+
+    model_pool = results["model"]["images_per_s"] * settings["actors"]
+    decode_capacity = results["decode"]["mix"]["fast"] * settings["decode_cpus"]
+    assert bounds["model_pool_images_per_s"] == pytest.approx(model_pool)
+    assert bounds["decode_capacity_images_per_s"] == pytest.approx(decode_capacity)
+    assert bounds["bound_images_per_s"] == pytest.approx(min(model_pool, decode_capacity))
+    assert bounds["bottleneck"] == ("model" if model_pool <= decode_capacity else "decode")
+    assert bounds["efficiency"] == pytest.approx(e2e["images_per_s"] / min(model_pool, decode_capacity))
+
+    assert results["two_point"] is None  # not asked for
+    assert results["mfu"]["model_only"] is None  # no peak known for a CPU without --peak-tflops
+
+
+@pytest.mark.slow
+def test_quick_run_table_shows_the_figures(quick_results: tuple[dict, dict], capsys: pytest.CaptureFixture) -> None:
+    results, _ = quick_results
+    table = benchmarking.format_report(results)
+    for heading in ("1. model only", "2. decode + preprocess", "3. end to end", "4. bounds", "pipeline efficiency"):
+        assert heading in table
+    assert f"{results['bounds']['efficiency']:.3f}" in table
