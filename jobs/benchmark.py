@@ -243,7 +243,7 @@ def _forget_s3_clients() -> None:
 
 
 def _upload_folder(folder: Path, uri: str) -> None:
-    from pipeline.storage import join_uri, write_bytes
+    from model.storage import join_uri, write_bytes
 
     for path in sorted(folder.iterdir()):
         if path.is_file():
@@ -546,7 +546,7 @@ def write_mixed_shards(
     The same few encoded files are reused across the stream (encoding thousands of 12 MP JPEGs would take longer
     than the job); every sample is still read, decoded and classified on its own.
     """
-    from pipeline.storage import join_uri, write_bytes
+    from model.storage import join_uri, write_bytes
 
     kinds = benchmarking.mix_kinds(images, phone_every)
     used = {kind: 0 for kind in pools}

@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from pipeline.storage import StorageOptions, join_uri, read_bytes, write_bytes
+from model.storage import StorageOptions, join_uri, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from model.weights import (
     load_checkpoint,
     serialize_state_dict,
 )
-from pipeline.storage import StorageOptions, join_uri, write_bytes
+from model.storage import StorageOptions, join_uri, write_bytes
 
 logger = logging.getLogger(__name__)
 

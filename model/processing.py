@@ -563,7 +563,7 @@ class ViTHybridImageProcessor:
 
         ``path_or_uri`` may also name the JSON file itself. ``storage_options`` go to fsspec (e.g. ``{"anon": True}``).
         """
-        from pipeline.storage import join_uri, read_bytes  # storage is an edge concern; keep `model` import-light
+        from model.storage import join_uri, read_bytes  # storage is an edge concern; keep `model` import-light
 
         uri = path_or_uri if path_or_uri.endswith(".json") else join_uri(path_or_uri, CONFIG_NAME)
         try:
@@ -582,7 +582,7 @@ class ViTHybridImageProcessor:
 
     def save_pretrained(self, folder: str, storage_options: Mapping[str, Any] | None = None) -> str:
         """Write ``preprocessor_config.json`` into ``folder`` (local or URI); return the file's URI."""
-        from pipeline.storage import join_uri, write_bytes
+        from model.storage import join_uri, write_bytes
 
         uri = join_uri(folder, CONFIG_NAME)
         write_bytes(uri, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode(), storage_options)

@@ -35,7 +35,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from pipeline.storage import StorageOptions, filesystem_for, join_uri, read_bytes, with_retries
+from model.storage import StorageOptions, filesystem_for, join_uri, read_bytes, with_retries
 
 logger = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.failpoints import failpoint
-from pipeline.storage import (
+from model.storage import (
     StorageOptions,
     filesystem_for,
     join_uri,
@@ -395,7 +395,7 @@ class CommitRecord:
 class OutputLayout:
     """Names of everything a job writes under its output prefix, and the few storage operations on them.
 
-    Every operation goes through :func:`pipeline.storage.with_retries`; names are relative to ``output_uri``.
+    Every operation goes through :func:`model.storage.with_retries`; names are relative to ``output_uri``.
     """
 
     output_uri: str

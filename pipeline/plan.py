@@ -13,7 +13,7 @@ What each failure does
     * A read/decode task or an inference actor dies: Ray re-executes it (Ray Data's defaults retry without limit);
       rows the dead attempt already delivered and the retry sends again are dropped by :class:`ShardAssembler`, and
       a shard whose rows never all arrive is not committed (:class:`IncompleteShardsError`; a rerun redoes it).
-    * Transient storage errors: every storage call is retried with backoff (:func:`pipeline.storage.with_retries`).
+    * Transient storage errors: every storage call is retried with backoff (:func:`model.storage.with_retries`).
     * Storage errors that persist, a bad model, input or output: :class:`JobError` (or ``InputError``,
       ``OutputConflictError``, ``CheckpointError``) naming the URI and cause; model, input and (when the dtype does
       not depend on the cluster) output are checked before Ray starts.

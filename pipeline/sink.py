@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.failpoints import failpoint
 from pipeline.manifest import ORDINAL_COLUMN, CommitRecord, OutputLayout, check_shard_id
-from pipeline.storage import StorageOptions
+from model.storage import StorageOptions
 
 __all__ = [
     "CommitRecord",

@@ -59,7 +59,7 @@ Shard-level failures
     should stop with a clear message rather than record a million error rows.
 
 Storage access
-    Every list, stat and read goes through :func:`pipeline.storage.with_retries`. Shards are read with ranged
+    Every list, stat and read goes through :func:`model.storage.with_retries`. Shards are read with ranged
     requests (at most ``chunk_bytes`` per request, each retried on its own), so an endpoint that fails a fraction
     of requests or cuts responses short (checked against the requested length) cannot corrupt or stop a read, and
     memory stays bounded by one chunk plus one batch (plus one Parquet row group) whatever the shard size.
@@ -88,7 +88,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.core import split_protocol
 from fsspec.utils import glob_translate
 
-from pipeline.storage import StorageOptions, filesystem_for, is_transient, protocol_of, to_uri, with_retries
+from model.storage import StorageOptions, filesystem_for, is_transient, protocol_of, to_uri, with_retries
 
 __all__ = [
     "DEFAULT_ID_COLUMNS",

@@ -16,7 +16,7 @@ import pytest
 from pipeline import manifest
 from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.sink import ParquetShardWriter, build_output_table, commit_shard, output_schema
-from pipeline.storage import filesystem_for
+from model.storage import filesystem_for
 
 FAKE_SECRET = "FAKE-SECRET-7f3c9a1e-do-not-store"
 HIDDEN = 8

@@ -30,7 +30,7 @@ import s3fs
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from pipeline import storage
+from model import storage
 from pipeline.sources import (
     SAMPLE_SCHEMA,
     SHARD_ERROR_KEY,
@@ -41,7 +41,7 @@ from pipeline.sources import (
     plan_shards,
     read_shard,
 )
-from pipeline.storage import write_bytes
+from model.storage import write_bytes
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 

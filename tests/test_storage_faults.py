@@ -4,7 +4,7 @@ line naming the URI and the cause; credentials never reach any output, log or re
 The transient test runs the whole job, input AND output on S3, through :class:`tests.reliability.FaultyS3Proxy`,
 which fails about 10% of requests (503 SlowDown, 500 InternalError, connection resets before and after the write
 happened, bodies cut short), with botocore's own retries turned off (``max_attempts: 1``) so that only this
-project's retries (pipeline/storage.py) stand between the faults and the job. The job is a subprocess whose
+project's retries (model/storage.py) stand between the faults and the job. The job is a subprocess whose
 environment points ``AWS_ENDPOINT_URL`` at the proxy, so its in-process Ray workers use the proxy too.
 """
 
@@ -21,7 +21,7 @@ import fsspec
 import pytest
 import torch
 
-from pipeline.storage import is_transient
+from model.storage import is_transient
 from tests.reliability import (
     FaultyS3Proxy,
     all_names,
@@ -57,7 +57,7 @@ def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
     storage_options = {
         "key": KEY_CANARY,
         "secret": SECRET_CANARY,
-        # botocore retries nothing: every fault reaches pipeline.storage.with_retries.
+        # botocore retries nothing: every fault reaches model.storage.with_retries.
         "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
     }
     with FaultyS3Proxy(s3_endpoint, failure_rate=0.1, seed=11) as proxy:
@@ -93,7 +93,7 @@ def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
 
 
 def test_s3_throttling_server_errors_and_resets_count_as_transient() -> None:
-    """What s3fs makes of S3's error answers (as the proxy sends them), classified by pipeline.storage."""
+    """What s3fs makes of S3's error answers (as the proxy sends them), classified by model.storage."""
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 

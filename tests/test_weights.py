@@ -94,7 +94,7 @@ def test_reads_from_s3_with_the_same_digest(s3_bucket: str, checkpoint: Path) ->
 
 
 def test_transient_read_errors_are_retried(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.storage as storage
+    import model.storage as storage
 
     filesystem_class = type(fsspec.filesystem("file"))
     original = filesystem_class.cat_file

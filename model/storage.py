@@ -1,4 +1,4 @@
-"""Object-storage access for every stage: one way to turn a URI into an fsspec filesystem, one retry policy.
+"""Object-storage access for the model (checkpoints on S3) and every pipeline stage: URIs -> fsspec, one retry policy.
 
 Local paths, ``s3://`` and any other fsspec protocol go through :func:`filesystem_for`. Credentials and the endpoint
 come from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ...), which s3fs
