@@ -7,6 +7,7 @@ they would reach real object storage; s3fs and boto3 find it through ``AWS_ENDPO
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,3 +87,21 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
+    """The reliability corpus on S3 and one clean, uninterrupted job over it, shared by every reliability test."""
+    from tests.reliability import reference_job
+
+    return reference_job(tmp_path_factory, s3_endpoint)
+
+
+@pytest.fixture()
+def ray_tmpdir() -> Iterator[str]:
+    """A short temporary folder for a job's own Ray (Ray's socket paths must stay under 107 bytes)."""
+    from tests.reliability import short_tmpdir
+
+    folder = short_tmpdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -318,7 +318,6 @@ class ReferenceJob:
         return ["--input", self.input, "--output", output, "--model", self.model, *JOB_FLAGS, *extra]
 
 
-_reference: dict[str, ReferenceJob] = {}
 
 
 def make_checkpoint(folder: Path, seed: int = 5) -> str:
@@ -326,9 +325,7 @@ def make_checkpoint(folder: Path, seed: int = 5) -> str:
 
 
 def reference_job(tmp_path_factory: Any, s3_endpoint: str) -> ReferenceJob:
-    """The corpus on S3 and one clean, uninterrupted run over it: made on first use, then shared by the session."""
-    if "job" in _reference:
-        return _reference["job"]
+    """The corpus on S3 and one clean, uninterrupted run over it (the session fixture ``clean_run`` shares it)."""
     import boto3
 
     bucket = f"reliability-{uuid.uuid4().hex[:10]}"
@@ -353,7 +350,6 @@ def reference_job(tmp_path_factory: Any, s3_endpoint: str) -> ReferenceJob:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     rows = sum(read_table(output, name).num_rows for name in parquet_names(output))
     assert rows == len(samples)
-    _reference["job"] = job
     return job
 
 

@@ -15,7 +15,6 @@ instead of being committed short. The driver's consume-and-commit loop is tested
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,36 +28,24 @@ from pipeline.manifest import ShardAssembler, ShardAssemblyError
 from pipeline.plan import IncompleteShardsError, JobConfig, JobError, JobSummary, _consume_and_commit
 from pipeline.sink import build_output_table, output_schema
 from pipeline.sources import ShardReadError
-from tests.reliability import assert_same_output, reference_job, run_job, short_tmpdir
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
-    return reference_job(tmp_path_factory, s3_endpoint)
-
-
-@pytest.fixture()
-def ray_tmpdir() -> Iterator[str]:
-    folder = short_tmpdir()
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+from tests.reliability import assert_same_output, run_job
 
 
 def test_a_dying_actor_and_a_dying_read_task_are_retried_to_the_clean_output(
-    reference, ray_tmpdir: str, tmp_path: Path
+    clean_run, ray_tmpdir: str, tmp_path: Path
 ) -> None:
     read_marker, actor_marker = tmp_path / "read-died", tmp_path / "actor-died"
     output = str(tmp_path / "out")
     finished = run_job(
-        reference.args(output),
+        clean_run.args(output),
         ray_tmpdir=ray_tmpdir,
         env={"VIT_HYBRID_FAILPOINTS": f"read.batch:exit@{read_marker},infer.batch=3:exit@{actor_marker}"},
     )
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert read_marker.exists() and actor_marker.exists(), "a failpoint did not fire"
-    assert_same_output(output, reference.output)
+    assert_same_output(output, clean_run.output)
     summary = json.loads((Path(output) / "_summary.json").read_text())
-    assert summary["samples"] == len(reference.samples)  # counted once each, re-sent rows or not
+    assert summary["samples"] == len(clean_run.samples)  # counted once each, re-sent rows or not
     print(f"rows re-sent by retried tasks and dropped by the assembler: {summary['rows_resent']}")
 
 

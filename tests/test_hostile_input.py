@@ -8,14 +8,12 @@ from __future__ import annotations
 import io
 import json
 import resource
-import shutil
 import struct
 import tarfile
 import tracemalloc
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -37,7 +35,6 @@ from tests.reliability import (
     parquet_names,
     read_table,
     run_job,
-    short_tmpdir,
 )
 
 
@@ -110,13 +107,6 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     return buffer.getvalue()
-
-
-@pytest.fixture()
-def ray_tmpdir() -> Iterator[str]:
-    folder = short_tmpdir()
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

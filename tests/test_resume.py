@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import (
+    OrphanWatch,
     all_names,
     assert_no_traceback,
     assert_same_output,
@@ -28,19 +29,12 @@ from tests.reliability import (
     kill_hard,
     make_checkpoint,
     modification_times,
-    OrphanWatch,
     read_json,
-    reference_job,
     run_job,
     short_tmpdir,
     start_job,
     wait_for,
 )
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
-    return reference_job(tmp_path_factory, s3_endpoint)
 
 
 # After a SIGKILL of the driver, Ray's own processes end without help: GCS, raylet, dashboard and monitors die with
@@ -103,7 +97,7 @@ STAGES = [
 ]
 
 
-def test_killed_at_every_stage_then_resumed_gives_the_clean_output(reference, orphans, tmp_path: Path) -> None:
+def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, orphans, tmp_path: Path) -> None:
     watch, folders = orphans
 
     def ray_tmpdir() -> str:
@@ -111,7 +105,7 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(reference, or
         return folders[-1]
 
     output = str(tmp_path / "out")
-    args = reference.args(output)
+    args = clean_run.args(output)
     for stage, failpoints, death in STAGES:
         before = files_of_committed_shards(output) if Path(output).exists() else []
         stamps = modification_times(output, before)
@@ -134,17 +128,17 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(reference, or
         # What a reader sees right after the kill: only complete files, each equal to the clean run's.
         names = all_names(output)
         assert "_job.json" in names and "_SUCCESS" not in names, (stage, names)
-        assert_visible_files_match(output, reference.output)
+        assert_visible_files_match(output, clean_run.output)
         for shard_id in committed_shards(output):
             name = f"_commits/{shard_id}.json"
-            assert read_json(output, name) == read_json(reference.output, name), (stage, shard_id)
+            assert read_json(output, name) == read_json(clean_run.output, name), (stage, shard_id)
         # Shards committed by earlier runs were not redone: their records and files were not written again.
         assert modification_times(output, before) == stamps, stage
         if stage == "writing":
             uncommitted = {name for name in names if name.endswith(".parquet")} - set(files_of_committed_shards(output))
             assert uncommitted, "the kill between data files and commit record left no uncommitted data file"
         if stage == "finishing":
-            assert len(committed_shards(output)) == len(committed_shards(reference.output))
+            assert len(committed_shards(output)) == len(committed_shards(clean_run.output))
             assert "_manifest.json" in names
 
     before = files_of_committed_shards(output)
@@ -152,9 +146,9 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(reference, or
     finished = run_job(args, ray_tmpdir=ray_tmpdir())  # at once: the killed run's leftover Ray may still be alive
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert modification_times(output, before) == stamps
-    assert_same_output(output, reference.output)
+    assert_same_output(output, clean_run.output)
     summary = json.loads((Path(output) / "_summary.json").read_text())
-    assert summary["shards_skipped"] == len(committed_shards(reference.output))  # everything was committed already
+    assert summary["shards_skipped"] == len(committed_shards(clean_run.output))  # everything was committed already
     assert summary["samples"] == 0 and summary["status"] == "succeeded"
 
     # A rerun of the finished job changes nothing (--device cpu: float32 like "auto" on this CPU-only machine, and

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -28,9 +27,7 @@ from tests.reliability import (
     assert_no_traceback,
     assert_same_output,
     error_line,
-    reference_job,
     run_job,
-    short_tmpdir,
 )
 
 SECRET_CANARY = "SECRET-CANARY-123"
@@ -38,22 +35,10 @@ KEY_CANARY = "AKIAFAKEFAKE"
 ENV_SECRET_CANARY = "ENV-SECRET-CANARY-456"
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str):
-    return reference_job(tmp_path_factory, s3_endpoint)
-
-
-@pytest.fixture()
-def ray_tmpdir() -> Iterator[str]:
-    folder = short_tmpdir()
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
-    reference, s3_endpoint: str, ray_tmpdir: str, tmp_path: Path
+    clean_run, s3_endpoint: str, ray_tmpdir: str, tmp_path: Path
 ) -> None:
-    output = f"s3://{reference.bucket}/through-proxy/out"
+    output = f"s3://{clean_run.bucket}/through-proxy/out"
     storage_options = {
         "key": KEY_CANARY,
         "secret": SECRET_CANARY,
@@ -62,7 +47,7 @@ def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
     }
     with FaultyS3Proxy(s3_endpoint, failure_rate=0.1, seed=11) as proxy:
         finished = run_job(
-            [*reference.args(output), "--storage-options", json.dumps(storage_options), "--log-level", "INFO"],
+            [*clean_run.args(output), "--storage-options", json.dumps(storage_options), "--log-level", "INFO"],
             ray_tmpdir=ray_tmpdir,
             env={
                 "AWS_ENDPOINT_URL": proxy.url,
@@ -75,7 +60,7 @@ def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
     assert proxy.fault_count >= 10 and all(count > 0 for count in proxy.faults.values()), proxy.faults
     assert proxy.methods.get("PUT", 0) > 0 and proxy.methods.get("GET", 0) > 0
 
-    assert_same_output(output, reference.output)
+    assert_same_output(output, clean_run.output)
 
     # No credential anywhere: not in the output's files (data, records, manifest, summary, Parquet metadata), not
     # in what the job printed, not in the logs of its Ray cluster (driver, workers, raylet, GCS).
@@ -142,7 +127,7 @@ def anonymous_bucket(s3_endpoint: str) -> str:
     return name
 
 
-def cases(reference, anonymous_bucket: str, tmp_path: Path) -> dict[str, tuple[dict[str, str], dict, str]]:
+def cases(clean_run, anonymous_bucket: str, tmp_path: Path) -> dict[str, tuple[dict[str, str], dict, str]]:
     """name -> (argument changes, environment changes, the URI the message must name)."""
     missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
     anonymous = json.dumps({"anon": True})
@@ -156,7 +141,7 @@ def cases(reference, anonymous_bucket: str, tmp_path: Path) -> dict[str, tuple[d
     return {
         "input bucket missing": ({"--input": f"s3://{missing}/shards"}, {}, f"s3://{missing}/shards"),
         "model missing": ({"--model": f"s3://{missing}/model"}, {}, f"s3://{missing}/model"),
-        "no credentials": ({}, no_credentials, reference.input),
+        "no credentials": ({}, no_credentials, clean_run.input),
         "output bucket missing": ({"--output": f"s3://{missing}/out"}, {}, f"s3://{missing}/out"),
         # moto lets anonymous requests write anywhere, but not read private objects: the output's private job record
         # cannot be read, as with credentials that lack s3:GetObject on the output bucket.
@@ -180,10 +165,10 @@ CAUSES = {
 
 @pytest.mark.parametrize("case", list(CAUSES))
 def test_a_storage_error_that_does_not_go_away_stops_the_job_early(
-    case: str, reference, anonymous_bucket: str, ray_tmpdir: str, tmp_path: Path
+    case: str, clean_run, anonymous_bucket: str, ray_tmpdir: str, tmp_path: Path
 ) -> None:
-    changes, env, named = cases(reference, anonymous_bucket, tmp_path)[case]
-    args = reference.args(str(tmp_path / "out"))
+    changes, env, named = cases(clean_run, anonymous_bucket, tmp_path)[case]
+    args = clean_run.args(str(tmp_path / "out"))
     for flag, value in changes.items():
         if flag in args:
             args[args.index(flag) + 1] = value
@@ -199,12 +184,12 @@ def test_a_storage_error_that_does_not_go_away_stops_the_job_early(
 
 
 def test_a_shard_that_cannot_be_read_stops_the_job_naming_it(
-    anonymous_bucket: str, reference, ray_tmpdir: str, tmp_path: Path
+    anonymous_bucket: str, clean_run, ray_tmpdir: str, tmp_path: Path
 ) -> None:
     """Access denied on input: moto, like a bucket that allows anonymous listing, lets the plan list the shards, and
     refuses the private one when a read task opens it. The job stops on that, not on a Ray stack trace."""
     output = tmp_path / "out"
-    args = reference.args(str(output))
+    args = clean_run.args(str(output))
     args[args.index("--input") + 1] = f"s3://{anonymous_bucket}/shards"
     finished = run_job([*args, "--storage-options", json.dumps({"anon": True})], ray_tmpdir=ray_tmpdir)
     assert finished.returncode == 2, finished.stderr[-5000:]
@@ -224,15 +209,15 @@ class WritesAFileWhenUnpickled:
 
 
 def test_a_checkpoint_that_pickles_code_is_refused_without_running_it(
-    reference, ray_tmpdir: str, tmp_path: Path
+    clean_run, ray_tmpdir: str, tmp_path: Path
 ) -> None:
     model = tmp_path / "model"
     model.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
-        shutil.copy(Path(reference.model) / name, model / name)
+        shutil.copy(Path(clean_run.model) / name, model / name)
     marker = tmp_path / "pwned"
     torch.save({"weight": torch.zeros(2), "payload": WritesAFileWhenUnpickled(marker)}, model / "pytorch_model.bin")
-    args = reference.args(str(tmp_path / "out"))
+    args = clean_run.args(str(tmp_path / "out"))
     args[args.index("--model") + 1] = str(model)
     finished = run_job([*args, "--device", "cpu"], ray_tmpdir=ray_tmpdir, timeout_s=120)
     assert finished.returncode == 2, finished.stderr[-3000:]
