@@ -600,7 +600,8 @@ def local_ray(num_cpus: float) -> Iterator[None]:
 
 def run_end_to_end(settings: BenchmarkSettings, model_uri: str, input_uri: str, output_uri: str) -> dict[str, Any]:
     """Run the classify job once on a local Ray and return its summary's figures."""
-    from pipeline.plan import JobConfig, run_job
+    from pipeline.config import JobConfig
+    from pipeline.plan import run_job
 
     config = JobConfig(
         task="classify",

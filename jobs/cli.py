@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from model.weights import CheckpointError
 from pipeline.manifest import OutputConflictError
-from pipeline.plan import JobAborted, JobConfig, JobError, run_job
+from pipeline.config import DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, FORMATS, JobConfig
+from pipeline.plan import JobAborted, JobError, run_job
 from pipeline.sources import InputError
 
 EXIT_ERROR = 2
@@ -59,7 +60,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     io.add_argument("--input", required=True, help="prefix, glob, or .txt file listing URIs (local path, s3://, any fsspec URL)")
     io.add_argument("--output", required=True, help="output prefix for Parquet files (local path or s3://...)")
     io.add_argument("--model", required=True, help="Hugging Face checkpoint folder (local or s3://...)")
-    io.add_argument("--format", choices=["webdataset", "parquet", "images"], default=None,
+    io.add_argument("--format", choices=FORMATS, default=None,
                     help="input format; detected from file names when not given")
     io.add_argument("--storage-options", type=json.loads, default={},
                     help='fsspec options as JSON, e.g. \'{"anon": true}\'; credentials normally come from AWS_* variables')
@@ -74,11 +75,11 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     if task == "classify":
         model.add_argument("--top-k", type=int, default=defaults.top_k, help="classes kept per image")
-    model.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+    model.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES,
                        help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
-    model.add_argument("--device", default=defaults.device, choices=["auto", "cuda", "cpu"],
+    model.add_argument("--device", default=defaults.device, choices=DEVICES,
                        help="auto = GPU actors when the cluster has GPUs, else CPU actors")
-    model.add_argument("--embedding-dtype", default=defaults.embedding_dtype, choices=["float32", "float16"],
+    model.add_argument("--embedding-dtype", default=defaults.embedding_dtype, choices=EMBEDDING_DTYPES,
                        help="storage type of the embedding column")
     model.add_argument("--normalize-embeddings", action="store_true", help="L2-normalise embeddings before writing")
 

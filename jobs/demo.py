@@ -132,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     import pyarrow.dataset as pads
 
-    from pipeline.plan import JobConfig, run_job
+    from pipeline.config import JobConfig
+    from pipeline.plan import run_job
 
     ray.init()
     config = JobConfig(task="classify", input=str(shards[0].parent), output=str(output), model=model_uri, overwrite=True)

@@ -17,19 +17,13 @@ import torch
 
 from model import ViTHybridForImageClassification
 from model.processing import ViTHybridImageProcessor
+from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.failpoints import failpoint
 from pipeline.sink import build_output_table
 
 logger = logging.getLogger(__name__)
 
-# Between stages, "no error" and "not the shard's last row" travel as these values rather than as nulls: Ray turns
-# an all-null column into float NaN on its way through NumPy batches.
-NO_ERROR = ""
-NOT_LAST_ROW = -1
-
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float32": "float32",
-                 "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -43,10 +37,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """``auto`` is bf16 on a GPU (tensor cores) and fp32 on a CPU (bf16 has no fast path on most CPUs)."""
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return DTYPES[DTYPE_ALIASES[requested]]
-    except KeyError:
-        raise ValueError(f"dtype {requested!r} is not one of auto, {', '.join(DTYPE_ALIASES)}") from None
+    return DTYPES[canonical_dtype(requested)]
 
 
 @dataclass(frozen=True)

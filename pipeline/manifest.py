@@ -84,6 +84,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import ORDINAL_COLUMN, SHARD_ID_COLUMN, SHARD_ROWS_COLUMN
 from pipeline.failpoints import failpoint
 from model.storage import (
     StorageOptions,
@@ -98,10 +99,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
-# Bookkeeping columns that travel with result rows from the inference stage to the driver.
-SHARD_ID_COLUMN = "shard_id"
-ORDINAL_COLUMN = "ordinal"
-SHARD_ROWS_COLUMN = "shard_rows"
 
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -38,57 +38,13 @@ import torch
 
 from model.processing import ViTHybridImageProcessor
 from pipeline import decode, sources
+from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
-from pipeline.infer import NO_ERROR, NOT_LAST_ROW, InferenceActor, InferenceSettings, resolve_dtype
+from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
 from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
 logger = logging.getLogger(__name__)
-
-TASKS = ("classify", "embed")
-
-
-@dataclass
-class JobConfig:
-    """Every setting of a job, built once from the command line and passed down whole."""
-
-    task: str
-    input: str
-    output: str
-    model: str
-    format: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    id_column: str | None = None
-    image_column: str | None = None
-    images_per_shard: int = 256
-    batch_size: int | None = None
-    top_k: int = 5
-    dtype: str = "auto"
-    device: str = "auto"
-    embedding_dtype: str = "float32"
-    normalize_embeddings: bool = False
-    rows_per_file: int = 100_000
-    min_actors: int = 1
-    max_actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    decode_cpus: float = 1.0
-    decode_memory_mb: int = 512
-    fast_decode: bool = True
-    max_image_pixels: int = 89_478_485
-    max_error_fraction: float = 0.5
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise ValueError(f"max_error_fraction must be within [0, 1], got {self.max_error_fraction}")
-        if self.embedding_dtype not in ("float32", "float16"):
-            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
-
 
 @dataclass
 class JobSummary:

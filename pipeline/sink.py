@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.failpoints import failpoint
-from pipeline.manifest import ORDINAL_COLUMN, CommitRecord, OutputLayout, check_shard_id
+from pipeline.config import EMBEDDING_DTYPES, ORDINAL_COLUMN, TASKS
+from pipeline.manifest import CommitRecord, OutputLayout, check_shard_id
 from model.storage import StorageOptions
 
 __all__ = [
@@ -38,8 +39,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("classify", "embed")
-EMBEDDING_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+EMBEDDING_TYPES = {name: pa.from_numpy_dtype(name) for name in EMBEDDING_DTYPES}
 
 # zstd: on the string columns (keys, sources, labels) it compresses clearly better than snappy, decodes about as
 # fast, and every current reader (pyarrow, DuckDB, Spark, Polars, BigQuery, Athena) reads it. Embedding floats are

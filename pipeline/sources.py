@@ -89,6 +89,7 @@ from fsspec.core import split_protocol
 from fsspec.utils import glob_translate
 
 from model.storage import StorageOptions, filesystem_for, is_transient, protocol_of, to_uri, with_retries
+from pipeline.config import FORMATS
 
 __all__ = [
     "DEFAULT_ID_COLUMNS",
@@ -108,7 +109,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FORMATS = ("webdataset", "parquet", "images")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 WEBDATASET_EXTENSIONS = (".tar", ".tar.gz", ".tgz")

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from jobs.cli import build_parser, config_from_args
-from pipeline.plan import JobConfig
+from pipeline.config import JobConfig
 
 REQUIRED = ["--input", "s3://b/in", "--output", "s3://b/out", "--model", "s3://b/model"]
 

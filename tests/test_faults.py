@@ -25,7 +25,8 @@ import pytest
 
 from pipeline import failpoints
 from pipeline.manifest import ShardAssembler, ShardAssemblyError
-from pipeline.plan import IncompleteShardsError, JobConfig, JobError, JobSummary, _consume_and_commit
+from pipeline.config import JobConfig
+from pipeline.plan import IncompleteShardsError, JobError, JobSummary, _consume_and_commit
 from pipeline.sink import build_output_table, output_schema
 from pipeline.sources import ShardReadError
 from tests.reliability import assert_same_output, run_job

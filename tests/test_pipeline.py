@@ -11,7 +11,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.plan import JobConfig, run_job
+from pipeline.config import JobConfig
+from pipeline.plan import run_job
 from tests.corpus import Sample, make_samples, write_image_files, write_parquet, write_webdataset
 from tests.pipeline_helpers import check_rows, expected_predictions, read_output, start_local_ray
 from tests.reference import small_config_dict, write_reference_checkpoint
