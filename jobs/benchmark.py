@@ -75,8 +75,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import benchmarking
-from pipeline.benchmarking import EncodedImage, ImageKind
+from benchmarks import measures as benchmarking
+from benchmarks.measures import EncodedImage, ImageKind
 
 logger = logging.getLogger("jobs.benchmark")
 

@@ -16,10 +16,13 @@ import pyarrow as pa
 import torch
 
 from model import ViTHybridForImageClassification
+from model.configuration import ViTHybridConfig
 from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.failpoints import failpoint
 from pipeline.sink import build_output_table
+from pipeline.standin import ENVIRONMENT_VARIABLE as STAND_IN_VARIABLE
+from pipeline.standin import StandInModel, stand_in_latency_s
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +110,16 @@ class InferenceActor:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
-        self.model = ViTHybridForImageClassification.from_pretrained(
-            settings.model_uri, storage_options=settings.storage_options, dtype=self.dtype, device=self.device
-        )
+        latency_s = stand_in_latency_s()
+        if latency_s is None:
+            self.model = ViTHybridForImageClassification.from_pretrained(
+                settings.model_uri, storage_options=settings.storage_options, dtype=self.dtype, device=self.device
+            )
+        else:
+            logger.warning("%s is set: a stand-in of %.0f ms per batch replaces the model; outputs mean nothing",
+                           STAND_IN_VARIABLE, latency_s * 1000)
+            config = ViTHybridConfig.from_pretrained(settings.model_uri, storage_options=settings.storage_options)
+            self.model = StandInModel(config, latency_s).to(self.device)
         if settings.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         processor = ViTHybridImageProcessor.from_pretrained(settings.model_uri, storage_options=settings.storage_options)

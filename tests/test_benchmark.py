@@ -13,8 +13,8 @@ import math
 import pytest
 from PIL import Image
 
-from pipeline import benchmarking
-from pipeline.benchmarking import ImageKind
+from benchmarks import measures as benchmarking
+from benchmarks.measures import ImageKind
 
 
 # ---------------------------------------------------------------------------------------------------------------------
