@@ -3,11 +3,37 @@
 The compute (:func:`predict`) is a plain function of tensors so that it is tested without Ray; :class:`InferenceActor`
 is the thin callable class that Ray Data's ``map_batches`` runs in a pool of actors, one per GPU (or per group of CPU
 cores where the cluster has no GPU).
+
+Keeping the device busy
+    A call has three parts: *prepare* (pick the rows that decoded, stage them in page-locked memory, start the copy
+    to the device on a side stream), *compute* (normalise, run the model, top-k, copy the small results back) and
+    *rows* (build the Arrow result table). Only compute uses the device, so only compute holds the actor's lock:
+    Ray Data runs :data:`CONCURRENT_CALLS` calls of one actor at once in threads (``ActorPoolStrategy(
+    max_concurrent_calls_per_actor=..., enable_true_multi_threading=True)``, see :func:`actor_pool_arguments`), and
+    while one call computes, the next one prepares and the previous one builds its rows. Torch releases the GIL
+    inside its kernels and copies, so the host work really runs beside the device's. Ray Data's own alternative
+    (threads for fetching and batching only, the UDF serialised) cannot overlap *our* host work, which is most of it.
+
+Copies the host makes per image (a 384x384 crop is 442 KB, one copy ~20-40 us on one core)
+    * all rows decoded, CPU, no padding: none (the Arrow buffer is handed to torch as it is);
+    * some rows failed to decode, or padding: one (the good rows gathered straight into a reused buffer);
+    * CUDA: one (into a reused page-locked buffer, from which the device copies by DMA, asynchronously).
+    The older path made two or three (a boolean-mask copy, ``np.ascontiguousarray``, ``pin_memory()``).
+
+Fixed batch shapes
+    With ``pad_to_batch`` (on for GPUs and for ``--compile``) every model call sees exactly ``batch_size`` rows: a
+    short tail batch, or one with failed rows removed, is padded with whatever the staging buffer held (real earlier
+    crops or zeros). Rows of this network do not interact (GroupNorm and LayerNorm are per sample, attention is
+    within an image), so padding cannot change a real row's result; it keeps cuDNN's tuned kernels and a compiled
+    graph valid for every call instead of re-tuning or recompiling for each new tail size.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +48,28 @@ from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.failpoints import failpoint
 from pipeline.sink import build_output_table
 from pipeline.standin import ENVIRONMENT_VARIABLE as STAND_IN_VARIABLE
-from pipeline.standin import StandInModel, stand_in_latency_s
+from pipeline.standin import StandInModel, StandInNormalizer, stand_in_latency_s
 
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Calls of one actor Ray Data runs at once: one computes while another prepares its batch or builds its rows. Two is
+# enough to hide host work shorter than the compute; each extra call holds one more batch in the actor's memory.
+CONCURRENT_CALLS = 2
+
+# Test seam: actors asked for "cuda" compute on the CPU, keeping the GPU path's dtype and padding. Lets tests run the
+# decision "this job uses GPUs" end to end on fake GPU nodes (``ray.cluster_utils``-style autoscaling clusters).
+GPU_ON_CPU_VARIABLE = "VIT_HYBRID_GPU_ACTORS_ON_CPU"
+
 
 def resolve_device(requested: str = "auto") -> torch.device:
-    """``auto`` takes the GPU that Ray assigned to this actor when there is one, else the CPU."""
+    """``auto`` takes the GPU that Ray assigned to this actor when there is one, else the CPU.
+
+    With ``VIT_HYBRID_GPU_ACTORS_ON_CPU=1`` (tests only) a request for ``cuda`` gives the CPU.
+    """
+    if requested == "cuda" and os.environ.get(GPU_ON_CPU_VARIABLE) == "1":
+        return torch.device("cpu")
     if requested == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(requested)
@@ -41,6 +80,11 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[canonical_dtype(requested)]
+
+
+def actor_pool_arguments() -> dict[str, Any]:
+    """The ``ActorPoolStrategy`` keywords that let one actor overlap host work with compute (see module docstring)."""
+    return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 
 @dataclass(frozen=True)
@@ -54,27 +98,30 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(
-    model: ViTHybridForImageClassification,
+    model: torch.nn.Module,
     normalizer: torch.nn.Module,
     pixels: torch.Tensor,
     *,
     top_k: int | None,
+    rows: int | None = None,
 ) -> Predictions:
-    """Run the model on a uint8 (N, H, W, 3) batch already on the model's device.
+    """Run the model on a uint8 (N, H, W, 3) batch already on the model's device; return the first ``rows`` rows.
 
     Normalisation happens here, on the device, because uint8 is 4x less data than float32 to move between workers
     and onto the GPU. Softmax and top-k also run on the device so that only (N, k) numbers come back, never the
     (N, num_labels) logits. Scores are computed in float32 whatever the model dtype, so that probabilities sum to 1.
+    ``rows`` (default: all) drops padding rows on the device, before anything is copied back.
     """
+    keep = pixels.shape[0] if rows is None else rows
     pixel_values = normalizer(pixels)
     if top_k is None:
-        embeddings = model.embed(pixel_values)
+        embeddings = model.embed(pixel_values)[:keep]
         return Predictions(embeddings.float().cpu().numpy(), None, None)
     output = model(pixel_values)
-    probabilities = torch.softmax(output.logits.float(), dim=-1)
+    probabilities = torch.softmax(output.logits[:keep].float(), dim=-1)
     scores, ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)
     return Predictions(
-        output.embedding.float().cpu().numpy(),
+        output.embedding[:keep].float().cpu().numpy(),
         ids.to(torch.int32).cpu().numpy(),
         scores.cpu().numpy(),
     )
@@ -93,15 +140,58 @@ class InferenceSettings:
     normalize_embeddings: bool = False
     torch_threads: int | None = None
     channels_last: bool = True
+    batch_size: int | None = None  # rows per model call when pad_to_batch; larger batches are run in pieces
+    pad_to_batch: bool = False  # fixed shapes: pad every model call to batch_size rows
+    compile: bool = False  # torch.compile the model (shapes fixed by padding, so it compiles once)
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
+
+    def __post_init__(self) -> None:
+        if self.pad_to_batch and not self.batch_size:
+            raise ValueError("pad_to_batch needs batch_size: the number of rows every model call is padded to")
+
+
+@dataclass
+class _Prepared:
+    """A batch's good rows, on the model's device (or on their way there), ready for :func:`predict`."""
+
+    pixels: torch.Tensor  # (padded rows, H, W, 3) uint8 on the model's device
+    rows: int  # real rows; the rest is padding
+    staging: torch.Tensor | None  # host buffer to hand back once the copy has landed
+    copied: Any = None  # torch.cuda.Event recorded after the host-to-device copy
+
+
+class _StagingBuffers:
+    """Reused host buffers (page-locked for CUDA) with room for one batch each, shared by the actor's threads.
+
+    Allocating page-locked memory costs far more than copying into it, and a fresh 113 MB buffer per batch would
+    also churn the allocator; so buffers are kept and handed out one per concurrent call.
+    """
+
+    def __init__(self, pinned: bool) -> None:
+        self._pinned = pinned
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, rows: int, shape: tuple[int, ...]) -> torch.Tensor:
+        with self._lock:
+            for index, buffer in enumerate(self._free):
+                if buffer.shape[0] >= rows and tuple(buffer.shape[1:]) == shape:
+                    return self._free.pop(index)
+        buffer = torch.zeros((rows, *shape), dtype=torch.uint8)  # zeros: padding never reads uninitialised memory
+        return buffer.pin_memory() if self._pinned else buffer
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buffer)
 
 
 class InferenceActor:
     """Ray Data callable class: loads the model once, then maps decoded batches to output rows.
 
-    Input batches (numpy format) carry ``pixels`` (N, H, W, 3) uint8 and ``error`` (None for good rows), plus
-    bookkeeping columns that pass through. Rows that already failed upstream are not run through the model; they
-    come out as error rows with null predictions, so every input sample still yields exactly one output row.
+    Input batches (numpy format) carry ``pixels`` (N, H, W, 3) uint8 and ``error`` (``""`` or None for good rows),
+    plus bookkeeping columns that pass through. Rows that already failed upstream are not run through the model; they
+    come out as error rows with null predictions, so every input sample still yields exactly one output row, in the
+    order it came. Safe to call from several threads at once (see the module docstring).
     """
 
     def __init__(self, settings: InferenceSettings) -> None:
@@ -109,45 +199,126 @@ class InferenceActor:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.dtype, self.device)
+        # The dtype follows the device that was asked for (bf16 for "cuda" even under the CPU test seam), so that it
+        # is the dtype the driver recorded in the job's fingerprint.
+        requested_device = torch.device("cuda") if settings.device == "cuda" else self.device
+        self.dtype = resolve_dtype(settings.dtype, requested_device)
+        processor = ViTHybridImageProcessor.from_pretrained(settings.model_uri, storage_options=settings.storage_options)
         latency_s = stand_in_latency_s()
+        self.model: torch.nn.Module
+        self.normalizer: torch.nn.Module
         if latency_s is None:
             self.model = ViTHybridForImageClassification.from_pretrained(
                 settings.model_uri, storage_options=settings.storage_options, dtype=self.dtype, device=self.device
             )
+            self.normalizer = processor.normalizer(device=self.device, dtype=self.dtype)
         else:
             logger.warning("%s is set: a stand-in of %.0f ms per batch replaces the model; outputs mean nothing",
                            STAND_IN_VARIABLE, latency_s * 1000)
             config = ViTHybridConfig.from_pretrained(settings.model_uri, storage_options=settings.storage_options)
             self.model = StandInModel(config, latency_s).to(self.device)
+            self.normalizer = StandInNormalizer(dtype=self.dtype)
         if settings.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        processor = ViTHybridImageProcessor.from_pretrained(settings.model_uri, storage_options=settings.storage_options)
-        self.normalizer = processor.normalizer(device=self.device, dtype=self.dtype)
-        self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
-        self.hidden_size = self.model.config.hidden_size
-        logger.info("inference actor ready: %s on %s in %s", settings.model_uri, self.device, self.dtype)
+        self.config = self.model.config
+        if settings.compile:
+            # dynamic=False: padding fixes the batch shape, so one graph serves every call.
+            self.model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
+        self.id2label = {int(k): v for k, v in self.config.id2label.items()}
+        self.hidden_size = self.config.hidden_size
+        self._compute_lock = threading.Lock()
+        self._staging = _StagingBuffers(pinned=self.device.type == "cuda")
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        logger.info("inference actor ready: %s on %s in %s (padding %s, compile %s)", settings.model_uri, self.device,
+                    self.dtype, settings.pad_to_batch, settings.compile)
+
+    @property
+    def top_k(self) -> int | None:
+        return self.settings.top_k if self.settings.task == "classify" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         failpoint("infer.batch")
-        errors = [error if error != NO_ERROR else None for error in batch["error"]]
-        good = np.array([error is None for error in errors], dtype=bool)
-        count = len(errors)
-        embeddings = np.zeros((count, self.hidden_size), dtype=np.float32)
-        top_k = self.settings.top_k if self.settings.task == "classify" else None
-        topk_ids = np.zeros((count, top_k or 0), dtype=np.int32)
-        topk_scores = np.zeros((count, top_k or 0), dtype=np.float32)
+        errors = [error if error != NO_ERROR and error is not None else None for error in batch["error"]]
+        good = np.fromiter((error is None for error in errors), dtype=bool, count=len(errors))
+        result: Predictions | None = None
         if good.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            result = predict(self.model, self.normalizer, pixels, top_k=top_k)
-            embeddings[good] = result.embeddings
-            if result.topk_ids is not None:
-                topk_ids = np.zeros((count, result.topk_ids.shape[1]), dtype=np.int32)
-                topk_scores = np.zeros((count, result.topk_ids.shape[1]), dtype=np.float32)
-                topk_ids[good] = result.topk_ids
-                topk_scores[good] = result.topk_scores
+            prepared = self.prepare(batch["pixels"], good)
+            try:
+                with self._compute_lock:
+                    result = self.compute(prepared)
+            finally:
+                if prepared.staging is not None:
+                    self._staging.give_back(prepared.staging)
+        return self.rows(batch, errors, good, result)
+
+    # --------------------------------------------------------------------------------------------- the three parts
+
+    def prepare(self, pixels: np.ndarray, good: np.ndarray) -> _Prepared:
+        """Host half: the good rows, padded when asked, on the device (CUDA: copy started, not waited for)."""
+        count = int(good.sum())
+        all_good = count == len(good)
+        with warnings.catch_warnings():
+            # Ray hands over read-only views of Arrow buffers; torch warns about them although nothing writes here.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            source = torch.from_numpy(pixels)
+        padded = self._padded_rows(count)
+        if self.device.type != "cuda" and all_good and padded == count and source.is_contiguous():
+            return _Prepared(source, count, staging=None)  # zero-copy: the batch as Ray delivered it
+        staging = self._staging.take(padded, tuple(source.shape[1:]))
+        target = staging[:padded]
+        if all_good:
+            target[:count].copy_(source)
+        else:
+            torch.index_select(source, 0, torch.from_numpy(np.flatnonzero(good)), out=target[:count])
+        if self._copy_stream is None:
+            return _Prepared(target, count, staging=staging)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = target.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return _Prepared(on_device, count, staging=staging, copied=copied)
+
+    def compute(self, prepared: _Prepared) -> Predictions:
+        """Device half, under the actor's lock: model calls of at most ``batch_size`` rows each."""
+        pixels = prepared.pixels
+        if prepared.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(prepared.copied)
+            pixels.record_stream(torch.cuda.current_stream(self.device))  # the copy stream's memory, used here
+        step = self.settings.batch_size if self.settings.pad_to_batch else pixels.shape[0]
+        pieces = []
+        for start in range(0, prepared.rows, step):
+            rows = min(step, prepared.rows - start)
+            pieces.append(predict(self.model, self.normalizer, pixels[start : start + step], top_k=self.top_k, rows=rows))
+        if prepared.copied is not None:
+            prepared.copied.synchronize()  # (already past: results came back) the staging buffer may be reused
+        if len(pieces) == 1:
+            return pieces[0]
+        return Predictions(
+            np.concatenate([piece.embeddings for piece in pieces]),
+            None if pieces[0].topk_ids is None else np.concatenate([piece.topk_ids for piece in pieces]),  # type: ignore[misc]
+            None if pieces[0].topk_scores is None else np.concatenate([piece.topk_scores for piece in pieces]),  # type: ignore[misc]
+        )
+
+    def rows(
+        self, batch: dict[str, np.ndarray], errors: list[str | None], good: np.ndarray, result: Predictions | None
+    ) -> pa.Table:
+        """Host half again: one output row per input row, in input order; failed rows carry their error."""
+        count = len(errors)
+        top_k = self.top_k
+        width = 0 if top_k is None else (result.topk_ids.shape[1] if result is not None and result.topk_ids is not None else top_k)
+        if result is not None and good.all():
+            embeddings = result.embeddings
+            topk_ids, topk_scores = result.topk_ids, result.topk_scores
+        else:
+            # Failed rows hold zeros; build_output_table nulls them from the error column.
+            embeddings = np.zeros((count, self.hidden_size), dtype=np.float32)
+            topk_ids = np.zeros((count, width), dtype=np.int32)
+            topk_scores = np.zeros((count, width), dtype=np.float32)
+            if result is not None:
+                embeddings[good] = result.embeddings
+                if result.topk_ids is not None and result.topk_scores is not None:
+                    topk_ids[good] = result.topk_ids
+                    topk_scores[good] = result.topk_scores
         table = build_output_table(
             self.settings.task,
             keys=batch["key"],
@@ -165,3 +336,10 @@ class InferenceActor:
         table = table.append_column("shard_id", pa.array(batch["shard_id"], type=pa.string()))
         shard_rows = np.asarray(batch["shard_rows"], dtype=np.int64)
         return table.append_column("shard_rows", pa.array(shard_rows, mask=shard_rows == NOT_LAST_ROW))
+
+    def _padded_rows(self, rows: int) -> int:
+        """Rows the model will see: ``rows`` rounded up to a whole number of batches when shapes are fixed."""
+        if not self.settings.pad_to_batch:
+            return rows
+        step = int(self.settings.batch_size or rows)
+        return -(-rows // step) * step

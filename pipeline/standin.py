@@ -6,6 +6,10 @@ environment variable ``VIT_HYBRID_STAND_IN_MODEL`` set to a latency in milliseco
 actor builds :class:`StandInModel` from the checkpoint's ``config.json`` instead of loading the weights. Ray workers
 inherit the variable from the process that started Ray, as with :mod:`pipeline.failpoints`. Never set it for real
 work: the actor logs a warning, and the outputs, though they depend on the pixels, mean nothing.
+
+The stand-in replaces the whole device half of the actor, normalisation included (:class:`StandInNormalizer` samples
+an 8x8 grid of the uint8 crop): on a GPU both take a few milliseconds per batch, while on this project's CPUs the
+real normaliser alone would take longer than the latency being simulated, and the measurement would be of it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,20 @@ def stand_in_latency_s() -> float | None:
     if milliseconds < 0:
         raise ValueError(f"{ENVIRONMENT_VARIABLE}={value!r}: the latency cannot be negative")
     return milliseconds / 1000.0
+
+
+class StandInNormalizer(nn.Module):
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, 8, 8)``: an 8x8 grid of pixels sampled from each crop, scaled to
+    [0, 1]. Costs microseconds per batch, so that the stand-in's latency is the device time being simulated."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        height, width = pixels.shape[1], pixels.shape[2]
+        grid = pixels[:, :: max(1, height // 8), :: max(1, width // 8), :][:, :8, :8, :]
+        return grid.permute(0, 3, 1, 2).to(self.dtype) / 255.0
 
 
 class StandInModel(nn.Module):
