@@ -94,6 +94,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                          help="memory reserved per decode task (bounds concurrent decodes of large photos)")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",
                          help="bit-exact preprocessing: turn off the fast path (JPEG draft-mode decoding of large photos), on by default")
+    compute.add_argument("--compile", action="store_true",
+                         help="torch.compile the model in each actor (batches padded to one shape; first batch slow)")
     compute.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
                          help="images with more pixels become error rows (decompression-bomb guard)")
     compute.add_argument("--max-error-fraction", type=float, default=defaults.max_error_fraction,

@@ -81,6 +81,7 @@ class JobConfig:
     max_image_pixels: int = 89_478_485
     max_error_fraction: float = 0.5
     overwrite: bool = False
+    compile: bool = False  # torch.compile the model in each actor (batch shapes fixed by padding)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -38,9 +38,17 @@ import torch
 
 from model.processing import ViTHybridImageProcessor
 from pipeline import decode, sources
+from pipeline.compute import (
+    ComputeError,
+    ComputePlan,
+    decide_compute,
+    dtype_without_cluster,
+    observe_cluster,
+    request_gpus,
+)
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
-from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
+from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments, resolve_dtype
 from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
@@ -256,20 +264,21 @@ def _connect_ray() -> Any:
     return ray
 
 
+def _compute_plan(config: JobConfig, ray: Any) -> ComputePlan:
+    """Device, dtype and pool for the cluster the job will have (GPUs it can scale to count): pipeline/compute.py."""
+    try:
+        return decide_compute(config, observe_cluster(ray))
+    except ComputeError as error:
+        raise JobError(str(error)) from None
+
+
 def _use_gpu(config: JobConfig, ray: Any) -> bool:
-    gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
-    if config.device == "cuda" and gpus_in_cluster == 0:
-        raise JobError("--device cuda was asked for, but the Ray cluster has no GPUs")
-    return config.device != "cpu" and gpus_in_cluster > 0
+    return _compute_plan(config, ray).use_gpu
 
 
 def _dtype_without_cluster(config: JobConfig) -> str | None:
     """The compute dtype when it does not depend on the cluster's GPUs, else None."""
-    if config.dtype != "auto":
-        return _dtype_name(resolve_dtype(config.dtype, torch.device("cpu")))  # a named dtype ignores the device
-    if config.device == "cpu":
-        return _dtype_name(resolve_dtype("auto", torch.device("cpu")))
-    return None
+    return dtype_without_cluster(config)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -316,24 +325,21 @@ def _build_dataset(
     import ray
     from ray.data import ActorPoolStrategy
 
-    gpus_in_cluster = int(ray.cluster_resources().get("GPU", 0))
-    batch_size = config.batch_size or (256 if use_gpu else 16)
-    if use_gpu:
-        max_actors = config.max_actors or gpus_in_cluster
-        actor_resources = {"num_gpus": config.gpus_per_actor or 1, "num_cpus": config.cpus_per_actor or 1}
-    else:
-        max_actors = config.max_actors or 1
-        actor_resources = {"num_cpus": config.cpus_per_actor or 1}
-    threads = max(1, int(actor_resources["num_cpus"]))
+    compute = _compute_plan(config, ray)
+    request_gpus(compute)  # the whole pool's GPUs at once, not one autoscaler step per pending actor
+    batch_size, max_actors, actor_resources = compute.batch_size, compute.max_actors, compute.actor_resources
     settings = InferenceSettings(
         model_uri=config.model,
         task=config.task,
         top_k=config.top_k,
         dtype=compute_dtype,
-        device="cuda" if use_gpu else "cpu",
+        device=compute.device,
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
-        torch_threads=None if use_gpu else threads,
+        torch_threads=compute.torch_threads,
+        batch_size=batch_size,
+        pad_to_batch=compute.pad_to_batch,
+        compile=config.compile,
         storage_options=config.storage_options or None,
     )
     items = [{"shard": json.dumps(shard.to_dict())} for shard in pending]
@@ -361,7 +367,7 @@ def _build_dataset(
         fn_constructor_args=(settings,),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=min(config.min_actors, max_actors), max_size=max_actors),
+        compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments()),
         **actor_resources,
     )
 

@@ -1,0 +1,213 @@
+"""Device, dtype and inference pool decided for the cluster the job will have, not the one it has at submit time.
+
+On an autoscaling cluster the GPU workers may not be running when the job starts (``min_workers: 0``, or one of
+eight). Deciding from ``ray.cluster_resources()`` alone would run such a job on CPUs in float32 (and freeze float32
+in its fingerprint), or cap the pool at the one GPU present so that the autoscaler is never asked for the other
+seven. So the decision reads two figures:
+
+* ``gpus_now``: GPUs in the cluster now (``ray.cluster_resources()``);
+* ``gpus_reachable``: GPUs the cluster can scale to, from the autoscaler's node types (resources x max workers).
+  Ray publishes them as the cluster config of autoscaler v2 and KubeRay
+  (``ray._private.state.state.get_max_resources_from_cluster_config()``, what Ray Data and Ray Train read); the v1
+  autoscaler that ``ray up`` starts does not, so its config file on the head node (``~/ray_bootstrap_config.yaml``,
+  where ``ray up`` puts it and where ``ray job submit`` runs the driver) is read instead. The variable
+  ``VIT_HYBRID_AUTOSCALING_CONFIG`` names another file.
+
+:func:`decide_compute` is pure (tested without Ray); :func:`observe_cluster` and :func:`request_gpus` are the thin Ray
+edges. With GPUs reachable, the pool's maximum is the GPUs reachable divided by ``--gpus-per-actor`` (capped by
+``--max-actors``), and :func:`request_gpus` asks the autoscaler for that many GPU bundles at once, instead of
+waiting for Ray Data to discover pending actors one scale-up step at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import JobConfig, canonical_dtype
+
+logger = logging.getLogger(__name__)
+
+AUTOSCALING_CONFIG_VARIABLE = "VIT_HYBRID_AUTOSCALING_CONFIG"
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster config on the head node
+
+GPU_BATCH_SIZE = 256  # bf16 on an 80 GB GPU; see README "Sizing"
+CPU_BATCH_SIZE = 16
+
+
+class ComputeError(RuntimeError):
+    """The job asks for a device the cluster cannot provide (``--device cuda`` and no GPU now or ever)."""
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the driver knows about the cluster's GPUs: now, and at most after scaling up."""
+
+    gpus_now: float
+    gpus_reachable: float  # >= gpus_now; equal when nothing says the cluster can grow
+    source: str = "running"  # where gpus_reachable came from: "running", "cluster config", or a file path
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """How the inference stage runs; derived from :class:`JobConfig` and the cluster by :func:`decide_compute`."""
+
+    use_gpu: bool
+    device: str  # "cuda" or "cpu"
+    dtype: str  # torch dtype name the actors compute in; recorded in the job's fingerprint
+    batch_size: int
+    min_actors: int
+    max_actors: int
+    actor_resources: dict[str, float] = field(default_factory=dict)  # num_gpus / num_cpus per actor
+    torch_threads: int | None = None  # CPU actors only
+    pad_to_batch: bool = False
+    gpus_to_request: int = 0  # GPU bundles to ask the autoscaler for (beyond what runs now), 0 for none
+
+
+def resolve_compute_dtype(requested: str, use_gpu: bool) -> str:
+    """``auto`` is bfloat16 on GPUs (tensor cores) and float32 on CPUs (bf16 has no fast path on most CPUs)."""
+    if requested == "auto":
+        return "bfloat16" if use_gpu else "float32"
+    return canonical_dtype(requested)
+
+
+def dtype_without_cluster(config: JobConfig) -> str | None:
+    """The compute dtype when it does not depend on the cluster, else None (``auto`` dtype on ``auto`` device)."""
+    if config.dtype != "auto":
+        return canonical_dtype(config.dtype)
+    if config.device == "cpu":
+        return resolve_compute_dtype("auto", use_gpu=False)
+    return None
+
+
+def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
+    """The device, dtype, batch and pool for ``config`` on ``cluster``. Pure.
+
+    ``auto`` uses GPUs when the cluster has or can reach any; the pool may grow to the GPUs reachable (one actor per
+    ``gpus_per_actor``), never beyond ``--max-actors``. Raises :class:`ComputeError` for ``--device cuda`` on a
+    cluster that has no GPU and cannot get one.
+    """
+    reachable = max(cluster.gpus_now, cluster.gpus_reachable)
+    if config.device == "cuda" and reachable <= 0:
+        raise ComputeError(
+            "--device cuda was asked for, but the Ray cluster has no GPUs and its autoscaler config "
+            f"({cluster.source}) has no node type with GPUs; add a GPU node type, or use --device auto or cpu"
+        )
+    use_gpu = config.device != "cpu" and reachable > 0
+    dtype = resolve_compute_dtype(config.dtype, use_gpu)
+    batch_size = config.batch_size or (GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE)
+    if use_gpu:
+        gpus_per_actor = config.gpus_per_actor or 1.0
+        pool_limit = max(1, math.floor(reachable / gpus_per_actor + 1e-9))
+        max_actors = min(config.max_actors, pool_limit) if config.max_actors else pool_limit
+        resources = {"num_gpus": gpus_per_actor, "num_cpus": config.cpus_per_actor or 1.0}
+        wanted_gpus = math.ceil(max_actors * gpus_per_actor - 1e-9)
+        return ComputePlan(
+            use_gpu=True, device="cuda", dtype=dtype, batch_size=batch_size,
+            min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
+            actor_resources=resources, torch_threads=None,
+            # Fixed shapes keep cuDNN's tuned kernels and a compiled graph valid for every call.
+            pad_to_batch=True,
+            gpus_to_request=wanted_gpus if wanted_gpus > cluster.gpus_now else 0,
+        )
+    max_actors = config.max_actors or 1
+    cpus = config.cpus_per_actor or 1.0
+    return ComputePlan(
+        use_gpu=False, device="cpu", dtype=dtype, batch_size=batch_size,
+        min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
+        actor_resources={"num_cpus": cpus}, torch_threads=max(1, int(cpus)),
+        pad_to_batch=bool(getattr(config, "compile", False)),  # a compiled CPU model also wants one shape
+    )
+
+
+def gpus_in_node_types(
+    node_types: Mapping[str, Any], *, head_node_type: str | None = None, max_workers: int | None = None
+) -> float:
+    """GPUs an autoscaler config's ``available_node_types`` can reach: each worker type's GPUs x its
+    ``max_workers``, plus the head's own GPUs, with the workers capped by the cluster-wide ``max_workers``."""
+    head_gpus = 0.0
+    worker_gpus = 0.0
+    most_per_node = 0.0
+    for name, node_type in node_types.items():
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0) or 0)
+        if gpus <= 0:
+            continue
+        if name == head_node_type:
+            head_gpus = gpus
+            continue
+        worker_gpus += gpus * int(node_type.get("max_workers", node_type.get("min_workers", 0)) or 0)
+        most_per_node = max(most_per_node, gpus)
+    if max_workers is not None:
+        worker_gpus = min(worker_gpus, most_per_node * int(max_workers))
+    return head_gpus + worker_gpus
+
+
+def gpus_in_autoscaling_config(path: str | os.PathLike[str]) -> float | None:
+    """GPUs reachable according to an autoscaler config file (``ray up``'s YAML, or JSON); None if unreadable."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        document = json.loads(text)
+    except ValueError:
+        import yaml  # Ray depends on PyYAML
+
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return None
+    if not isinstance(document, dict) or not isinstance(document.get("available_node_types"), dict):
+        return None
+    limit = document.get("max_workers")
+    return gpus_in_node_types(
+        document["available_node_types"], head_node_type=document.get("head_node_type"),
+        max_workers=None if limit is None else int(limit),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- Ray edges
+
+
+def observe_cluster(ray: Any) -> ClusterView:
+    """GPUs now (``ray.cluster_resources()``) and reachable (autoscaler config), for :func:`decide_compute`."""
+    gpus_now = float(ray.cluster_resources().get("GPU", 0) or 0)
+    reachable, source = gpus_now, "running"
+    try:
+        from ray._private.state import state
+
+        maximum = state.get_max_resources_from_cluster_config()
+    except Exception as error:  # noqa: BLE001 - a private API that may change; the file below is the fallback
+        logger.debug("no cluster config from Ray: %s", error)
+        maximum = None
+    if maximum and maximum.get("GPU"):
+        reachable, source = max(reachable, float(maximum["GPU"])), "cluster config"
+    else:
+        path = os.environ.get(AUTOSCALING_CONFIG_VARIABLE) or str(BOOTSTRAP_CONFIG)
+        from_file = gpus_in_autoscaling_config(path)
+        if from_file:
+            reachable, source = max(reachable, from_file), path
+    view = ClusterView(gpus_now=gpus_now, gpus_reachable=reachable, source=source)
+    logger.info("cluster GPUs: %g now, %g reachable (%s)", view.gpus_now, view.gpus_reachable, view.source)
+    return view
+
+
+def request_gpus(plan: ComputePlan) -> None:
+    """Ask the autoscaler for the pool's GPUs now (one bundle per actor), so they start while decoding begins.
+
+    ``request_resources`` is a standing request: it replaces any earlier one and holds until the next call, which is
+    what a job wants for its lifetime. Only called when the plan wants more GPUs than are running.
+    """
+    if not plan.gpus_to_request:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"GPU": plan.actor_resources["num_gpus"], "CPU": plan.actor_resources.get("num_cpus", 1.0)}
+    logger.info("asking the autoscaler for %d GPU bundles %s", plan.max_actors, bundle)
+    request_resources(bundles=[dict(bundle) for _ in range(plan.max_actors)])
