@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,9 +211,9 @@ def autoscaling_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
         "VIT_HYBRID_GPU_ACTORS_ON_CPU": "1", "VIT_HYBRID_STAND_IN_MODEL": "300",
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     })
-    if (Path.home() / ".ray" / "auth_token").exists():
-        env["RAY_AUTH_MODE"] = "token"
-        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    # `ray start` turns token authentication on when ~/.ray/auth_token exists; this driver (in-process, its Ray
+    # already imported) would not send the token. A private test cluster on 127.0.0.1 does without.
+    env["RAY_AUTH_MODE"] = "disabled"
     log = (tmp_path / "head.log").open("w")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -235,6 +236,7 @@ def autoscaling_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
             ray.shutdown()
         _stop_started(head.pid, (str(temp_dir), f":{port}"))
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_on_a_cluster_with_no_gpu_worker_running_grows_to_the_gpu_maximum(
