@@ -11,8 +11,9 @@ Measured on the CPU, without a GPU, because both questions are about the host:
    with one thread shows what the overlap buys.
 3. **Compiled vs eager** (``--compile``): the real network at ``--compile-size`` through the actor, eager and with
    ``torch.compile``, padded to a fixed batch; compile time reported apart.
-4. **Bytes per image between stages** (``pipeline.wire``): JPEG bytes in, decoded crops between decode and inference,
-   result rows out.
+4. **Bytes per image between stages**: JPEG bytes in (ImageNet-size and 12-megapixel photos), decoded crops between
+   decode and inference (Arrow IPC, what Ray's object store moves between nodes), result rows out; and what they
+   mean for the network into an 8-GPU node.
 
 Figures are printed beside the CPU's capabilities (model, cores usable, torch version); ``--json`` writes them.
 """
@@ -186,6 +187,8 @@ def host_overhead(checkpoint: Path, *, batch_size: int, seconds: float, device: 
         after_compute = time.perf_counter()
         actor.rows(batch, errors, good, result)
         finished = time.perf_counter()
+        if prepared.staging is not None:
+            actor._staging.give_back(prepared.staging)
         parts["prepare"].append((after_prepare - started) / batch_size * 1e6)
         parts["compute"].append((after_compute - after_prepare) / batch_size * 1e6)
         parts["rows"].append((finished - after_compute) / batch_size * 1e6)
@@ -314,6 +317,67 @@ def device_parity(workdir: Path, *, batch_size: int, device: str) -> dict[str, A
             "rows_with_cosine_above_0.999": agree, "tf32_conv": torch.backends.cudnn.allow_tf32}
 
 
+def _ipc_bytes(table: Any) -> int:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().size
+
+
+def measure_wire_bytes(checkpoint: Path, *, images_per_s_per_gpu: float = 3000.0, gpus_per_node: int = 8) -> dict[str, Any]:
+    """Bytes per image at each stage boundary, measured on real encodings of the benchmark photographs."""
+    import pyarrow as pa
+
+    from benchmarks.measures import IMAGENET, PHONE, build_image_set, sample_photographs
+    from model import ViTHybridImageProcessor
+    from pipeline.decode import decode_batch
+
+    photos = sample_photographs()
+    processor = ViTHybridImageProcessor.from_pretrained(str(checkpoint))
+    figures: dict[str, Any] = {"images_per_s_per_gpu": images_per_s_per_gpu, "gpus_per_node": gpus_per_node}
+    for kind, count in ((IMAGENET, 2 * len(photos)), (PHONE, 4)):
+        images = build_image_set(kind, photos, count=count)
+        figures[f"jpeg_{kind.name}_bytes"] = float(np.mean([len(image.data) for image in images]))
+        if kind is IMAGENET:
+            table = pa.table({
+                "key": [f"k{index}" for index in range(count)], "source": ["s3://bucket/part-000000.tar"] * count,
+                "data": [image.data for image in images], "ordinal": list(range(count)),
+            })
+            figures["bytes_rows_imagenet_bytes"] = _ipc_bytes(table) / count
+            decoded = decode_batch(table, processor=processor, fast=True)
+            crops = pa.table({
+                "key": decoded["key"].tolist(), "source": decoded["source"].tolist(),
+                "pixels": pa.FixedShapeTensorArray.from_numpy_ndarray(decoded["pixels"]),
+                "error": [NO_ERROR] * count, "ordinal": list(range(count)),
+            })
+            figures["crop_bytes"] = _ipc_bytes(crops) / count
+    actor = build_actor(checkpoint, latency_ms=0, batch_size=64)
+    results = actor(make_batch(64))
+    figures["result_row_bytes"] = _ipc_bytes(results) / 64
+    figures["crop_over_jpeg_imagenet"] = figures["crop_bytes"] / figures["jpeg_imagenet_bytes"]
+    node_rate = images_per_s_per_gpu * gpus_per_node
+    figures["gbit_per_s_into_node_crops"] = figures["crop_bytes"] * node_rate * 8 / 1e9
+    figures["gbit_per_s_into_node_jpeg_imagenet"] = figures["bytes_rows_imagenet_bytes"] * node_rate * 8 / 1e9
+    figures["gbit_per_s_into_node_jpeg_phone"] = figures["jpeg_phone_bytes"] * node_rate * 8 / 1e9
+    return figures
+
+
+def format_wire_report(wire: dict[str, Any]) -> list[str]:
+    return [
+        "bytes per image between stages (Arrow IPC as Ray moves it):",
+        (f"  JPEG in: ImageNet-size {wire['jpeg_imagenet_bytes'] / 1e3:.0f} kB ({wire['bytes_rows_imagenet_bytes'] / 1e3:.0f} kB "
+        f"as a row), 12-megapixel {wire['jpeg_phone_bytes'] / 1e6:.2f} MB"),
+        (f"  decoded crop, decode -> inference: {wire['crop_bytes'] / 1e3:.0f} kB = {wire['crop_over_jpeg_imagenet']:.1f}x "
+        "the ImageNet-size JPEG"),
+        f"  result row out: {wire['result_row_bytes'] / 1e3:.2f} kB",
+        (f"  into one {wire['gpus_per_node']}-GPU node at {wire['images_per_s_per_gpu']:.0f} images/s per GPU: crops "
+        f"{wire['gbit_per_s_into_node_crops']:.0f} Gbit/s; JPEGs {wire['gbit_per_s_into_node_jpeg_imagenet']:.0f} Gbit/s "
+        f"(ImageNet-size) to {wire['gbit_per_s_into_node_jpeg_phone']:.0f} Gbit/s (12 MP)"),
+    ]
+
+
 def compiled_vs_eager(
     workdir: Path, *, image_size: int, batch_size: int, iterations: int, device: str = "cpu", dtype: str = "auto"
 ) -> dict[str, Any]:
@@ -408,8 +472,6 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{compiled['max_embedding_difference']:.2e}")
     wire = results.get("wire")
     if wire:
-        from pipeline.wire import format_wire_report
-
         lines.extend(format_wire_report(wire))
     return "\n".join(lines)
 
@@ -451,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint, batch_size=args.batch_size, latency_ms=args.latency_ms, calls=args.calls, device=args.device
             )
         if "wire" not in args.skip:
-            from pipeline.wire import measure_wire_bytes
-
             results["wire"] = measure_wire_bytes(checkpoint)
         if args.parity:
             results["parity"] = device_parity(Path(workdir), batch_size=min(args.batch_size, 32), device=args.device)

@@ -319,8 +319,20 @@ def test_concurrent_calls_prepare_while_another_computes_and_keep_row_order(
 # ------------------------------------------------------------------------------------------------------ compile
 
 
-def test_compiled_actor_matches_eager(checkpoint: Path) -> None:
+def test_compiled_actor_matches_eager(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductor's C++ build takes minutes on a small CPU; the actor's wiring (one static-shape graph, padded calls,
+    # same results) is what is tested here, with torch.compile's own tracing. benchmarks/actor.py --compile times
+    # the real backend.
+    compiled_with: list[dict[str, object]] = []
+    original = torch.compile
+
+    def compile_with_aot_eager(model: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        compiled_with.append(kwargs)
+        return original(model, **{**kwargs, "backend": "aot_eager"})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
     compiled = real_actor(checkpoint, batch_size=4, pad_to_batch=True, compile=True)
+    assert compiled_with == [{"dynamic": False}]
     eager = real_actor(checkpoint)
     batch = make_batch(3, seed=7)
     got, expected = compiled(batch), eager(batch)
