@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from model.weights import CheckpointError
 from pipeline.manifest import OutputConflictError
-from pipeline.config import DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, FORMATS, JobConfig
+from pipeline.config import DECODE_LOCATIONS, DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, FORMATS, JobConfig
 from pipeline.plan import JobAborted, JobError, run_job
 from pipeline.sources import InputError
 
@@ -94,6 +94,10 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                          help="memory reserved per decode task (bounds concurrent decodes of large photos)")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",
                          help="bit-exact preprocessing: turn off the fast path (JPEG draft-mode decoding of large photos), on by default")
+    compute.add_argument("--decode-location", default=defaults.decode_location, choices=DECODE_LOCATIONS,
+                         help="decode on CPU workers and ship uint8 crops (workers), or inside the inference actors "
+                              "on the GPU nodes, shipping file bytes (actor: for small JPEGs and GPU nodes with spare "
+                              "cores; set --cpus-per-actor to the decode threads)")
     compute.add_argument("--compile", action="store_true",
                          help="torch.compile the model in each actor (batches padded to one shape; first batch slow)")
     compute.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,

@@ -25,6 +25,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", **{name: name for name in COMPUTE_DTYPES}}
 DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES, "fp32", "bf16", "fp16")
 EMBEDDING_DTYPES = ("float32", "float16")
+# Where images are decoded: by CPU tasks anywhere in the cluster, shipping uint8 crops to the inference actors
+# ("workers"), or inside each inference actor, on the GPU node, shipping the file bytes ("actor").
+DECODE_LOCATIONS = ("workers", "actor")
 
 # Bookkeeping columns that travel with result rows between stages (never written to the output files).
 SHARD_ID_COLUMN = "shard_id"
@@ -82,6 +85,7 @@ class JobConfig:
     max_error_fraction: float = 0.5
     overwrite: bool = False
     compile: bool = False  # torch.compile the model in each actor (batch shapes fixed by padding)
+    decode_location: str = "workers"  # see DECODE_LOCATIONS and README "Bytes on the wire"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -95,5 +99,7 @@ class JobConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be within [0, 1], got {self.max_error_fraction}")
+        if self.decode_location not in DECODE_LOCATIONS:
+            raise ValueError(f"decode_location must be one of {', '.join(DECODE_LOCATIONS)}, got {self.decode_location!r}")
         if self.embedding_dtype not in EMBEDDING_DTYPES:
             raise ValueError(f"embedding_dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.embedding_dtype!r}")

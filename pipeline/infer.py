@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ from model import ViTHybridForImageClassification
 from model.configuration import ViTHybridConfig
 from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
+from pipeline.decode import decode_batch
 from pipeline.failpoints import failpoint
 from pipeline.sink import build_output_table
 from pipeline.standin import ENVIRONMENT_VARIABLE as STAND_IN_VARIABLE
@@ -147,6 +149,10 @@ class InferenceSettings:
     batch_size: int | None = None  # rows per model call when pad_to_batch; larger batches are run in pieces
     pad_to_batch: bool = False  # fixed shapes: pad every model call to batch_size rows
     compile: bool = False  # torch.compile the model (shapes fixed by padding, so it compiles once)
+    decode_in_actor: bool = False  # batches carry file bytes ("data"); decode them here, in decode_threads threads
+    decode_threads: int = 1
+    fast_decode: bool = True
+    max_image_pixels: int = 89_478_485
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
     def __post_init__(self) -> None:
@@ -222,6 +228,11 @@ class InferenceActor:
         requested_device = torch.device("cuda") if settings.device == "cuda" else self.device
         self.dtype = resolve_dtype(settings.dtype, requested_device)
         processor = ViTHybridImageProcessor.from_pretrained(settings.model_uri, storage_options=settings.storage_options)
+        self.processor = processor
+        self._decoders = (
+            ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
+            if settings.decode_in_actor and settings.decode_threads > 1 else None
+        )
         latency_s = stand_in_latency_s()
         self.model: torch.nn.Module
         self.normalizer: torch.nn.Module
@@ -260,6 +271,8 @@ class InferenceActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         failpoint("infer.batch")
+        if self.settings.decode_in_actor:
+            batch = self.decode(batch)
         errors = [error if error != NO_ERROR and error is not None else None for error in batch["error"]]
         good = np.fromiter((error is None for error in errors), dtype=bool, count=len(errors))
         result: Predictions | None = None
@@ -274,6 +287,23 @@ class InferenceActor:
         return self.rows(batch, errors, good, result)
 
     # --------------------------------------------------------------------------------------------- the three parts
+
+    def decode(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """File bytes -> uint8 crops beside the device (``decode_location="actor"``), in threads: Pillow releases the
+        GIL while it decodes and resizes. One output row per input row, as :func:`pipeline.decode.decode_batch`."""
+        if self._decoders is None or len(batch["key"]) < 2:
+            return decode_batch(batch, processor=self.processor, fast=self.settings.fast_decode,
+                                max_image_pixels=self.settings.max_image_pixels)
+        count = len(batch["key"])
+        bounds = np.linspace(0, count, min(count, self.settings.decode_threads) + 1).astype(int)
+        pieces = list(self._decoders.map(
+            lambda edge: decode_batch(
+                {name: column[edge[0] : edge[1]] for name, column in batch.items()}, processor=self.processor,
+                fast=self.settings.fast_decode, max_image_pixels=self.settings.max_image_pixels,
+            ),
+            zip(bounds[:-1], bounds[1:]),
+        ))
+        return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
     def prepare(self, pixels: np.ndarray, good: np.ndarray) -> _Prepared:
         """Host half: the good rows, padded when asked, on the device (CUDA: copy started, not waited for)."""

@@ -102,7 +102,7 @@ def read_and_decode_shards(
     batch: dict[str, np.ndarray],
     *,
     storage_options: dict[str, Any],
-    processor: ViTHybridImageProcessor,
+    processor: ViTHybridImageProcessor | None,
     fast_decode: bool,
     max_image_pixels: int,
     id_column: str | None,
@@ -126,8 +126,9 @@ def read_and_decode_shards(
             id_column=id_column,
             image_column=image_column,
         ):
-            decoded = decode.decode_batch(
-                table, processor=processor, fast=fast_decode, max_image_pixels=max_image_pixels
+            decoded = (
+                _undecoded(table) if processor is None  # decode_location "actor": the actors decode
+                else decode.decode_batch(table, processor=processor, fast=fast_decode, max_image_pixels=max_image_pixels)
             )
             rows_seen += len(decoded["key"])
             if held is not None:
@@ -137,6 +138,15 @@ def read_and_decode_shards(
         if held is None:
             raise RuntimeError(f"shard {shard.shard_id} produced no rows; sources must yield at least one row")
         yield _with_shard_columns(held, shard.shard_id, last_row_total=rows_seen)
+
+
+def _undecoded(table: pa.Table) -> dict[str, Any]:
+    """A read batch as it is (file bytes in ``data``), for ``--decode-location actor``: numpy columns as
+    :func:`pipeline.decode.decode_batch` takes them, with an ``error`` column."""
+    columns = {name: decode._arrow_to_numpy(table.column(name)) for name in table.column_names}
+    if "error" not in columns:
+        columns["error"] = np.full(table.num_rows, None, dtype=object)
+    return columns
 
 
 def _with_shard_columns(decoded: dict[str, Any], shard_id: str, *, last_row_total: int | None) -> dict[str, Any]:
@@ -340,6 +350,10 @@ def _build_dataset(
         batch_size=batch_size,
         pad_to_batch=compute.pad_to_batch,
         compile=config.compile,
+        decode_in_actor=config.decode_location == "actor",
+        decode_threads=max(1, int(compute.actor_resources.get("num_cpus", 1))),
+        fast_decode=config.fast_decode,
+        max_image_pixels=config.max_image_pixels,
         storage_options=config.storage_options or None,
     )
     items = [{"shard": json.dumps(shard.to_dict())} for shard in pending]
@@ -354,7 +368,7 @@ def _build_dataset(
         memory=config.decode_memory_mb * 1024 * 1024,
         fn_kwargs={
             "storage_options": config.storage_options,
-            "processor": processor,
+            "processor": None if config.decode_location == "actor" else processor,
             "fast_decode": config.fast_decode,
             "max_image_pixels": config.max_image_pixels,
             "id_column": config.id_column,

@@ -340,3 +340,31 @@ def test_compiled_actor_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
     np.testing.assert_allclose(
         np.array(got.column("embedding").to_pylist()), np.array(expected.column("embedding").to_pylist()), atol=1e-4
     )
+
+
+# ------------------------------------------------------------------------------------------- decode in the actor
+
+
+def test_decoding_in_the_actor_gives_the_rows_of_decoding_upstream(checkpoint: Path) -> None:
+    """--decode-location actor: the batch carries file bytes; threads decode them beside the model, same rows."""
+    from pipeline.decode import decode_batch
+    from tests.corpus import make_samples
+
+    samples = make_samples(9, seed=8, prefix="img-", bad_every=4)
+    count = len(samples)
+    shard_rows = np.full(count, NOT_LAST_ROW, dtype=np.int64)
+    shard_rows[-1] = count
+    raw = {
+        "key": np.array([sample.key for sample in samples], dtype=object),
+        "source": np.array(["s3://bucket/shard.tar"] * count, dtype=object),
+        "ordinal": np.arange(count, dtype=np.int64),
+        "data": np.array([sample.data for sample in samples], dtype=object),
+        "error": np.array([NO_ERROR] * count, dtype=object),
+        "shard_id": np.array(["shard-0"] * count, dtype=object),
+        "shard_rows": shard_rows,
+    }
+    processor = ViTHybridImageProcessor.from_pretrained(str(checkpoint))
+    upstream = real_actor(checkpoint)(decode_batch(raw, processor=processor, fast=True))
+    beside = real_actor(checkpoint, decode_in_actor=True, decode_threads=3)(raw)
+    assert beside.to_pylist() == upstream.to_pylist()
+    assert sum(row["error"] is not None for row in beside.to_pylist()) == sum(sample.bad for sample in samples) > 0
