@@ -30,6 +30,7 @@ Fixed batch shapes
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -207,6 +208,9 @@ class _StagingBuffers:
     def give_back(self, buffer: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buffer)
+            if len(self._free) > CONCURRENT_CALLS:  # unpadded batches of growing sizes: keep the largest few
+                self._free.sort(key=lambda kept: kept.shape[0], reverse=True)
+                del self._free[CONCURRENT_CALLS:]
 
 
 class InferenceActor:
@@ -301,7 +305,7 @@ class InferenceActor:
                 {name: column[edge[0] : edge[1]] for name, column in batch.items()}, processor=self.processor,
                 fast=self.settings.fast_decode, max_image_pixels=self.settings.max_image_pixels,
             ),
-            zip(bounds[:-1], bounds[1:]),
+            itertools.pairwise(bounds),
         ))
         return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
 
