@@ -93,18 +93,15 @@ class NoOpModel(torch.nn.Module):
 
     def __init__(self, config: Any, batch_size: int) -> None:
         super().__init__()
-        from model.modeling import ImageClassifierOutput
-
         self.config = config
-        self._output = ImageClassifierOutput(
-            logits=torch.zeros(batch_size, max(config.num_labels, 1)), embedding=torch.zeros(batch_size, config.hidden_size)
-        )
+        self._logits = torch.zeros(batch_size, max(config.num_labels, 1))
+        self._embedding = torch.zeros(batch_size, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor, **_: object) -> Any:
         from model.modeling import ImageClassifierOutput
 
         rows = pixel_values.shape[0]
-        return ImageClassifierOutput(logits=self._output.logits[:rows], embedding=self._output.embedding[:rows])
+        return ImageClassifierOutput(logits=self._logits[:rows], embedding=self._embedding[:rows])
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self(pixel_values).embedding
@@ -178,7 +175,7 @@ def host_overhead(checkpoint: Path, *, batch_size: int, seconds: float, device: 
     batch = make_batch(batch_size)
     good = np.ones(batch_size, dtype=bool)
     errors: list[str | None] = [None] * batch_size
-    parts = {"prepare": [], "compute": [], "rows": []}
+    parts: dict[str, list[float]] = {"prepare": [], "compute": [], "rows": []}
     for _ in range(max(5, figures["clean"]["calls"] // 2)):
         started = time.perf_counter()
         prepared = actor.prepare(batch["pixels"], good)

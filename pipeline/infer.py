@@ -105,7 +105,7 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module,
+    model: Any,
     normalizer: torch.nn.Module,
     pixels: torch.Tensor,
     *,
@@ -252,13 +252,14 @@ class InferenceActor:
             self.model = StandInModel(config, latency_s).to(self.device)
             self.normalizer = StandInNormalizer(dtype=self.dtype)
         if settings.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.config = self.model.config
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model_config: Any = self.model.config
+        self.config = model_config
         if settings.compile:
             # dynamic=False: padding fixes the batch shape, so one graph serves every call.
             self.model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
-        self.id2label = {int(k): v for k, v in self.config.id2label.items()}
-        self.hidden_size = self.config.hidden_size
+        self.id2label: dict[int | str, str] = {int(k): v for k, v in model_config.id2label.items()}
+        self.hidden_size: int = model_config.hidden_size
         self._compute_lock = threading.Lock()
         # When one call leaves the model, the next call (waiting on the lock) also needs the GIL, which the leaving
         # call holds while it builds its rows: with the default 5 ms switch interval every hand-over idles the device
@@ -340,7 +341,7 @@ class InferenceActor:
         if prepared.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(prepared.copied)
             pixels.record_stream(torch.cuda.current_stream(self.device))  # the copy stream's memory, used here
-        step = self.settings.batch_size if self.settings.pad_to_batch else pixels.shape[0]
+        step = int(self.settings.batch_size or 0) if self.settings.pad_to_batch else int(pixels.shape[0])
         pieces = []
         for start in range(0, prepared.rows, step):
             rows = min(step, prepared.rows - start)
