@@ -1,0 +1,89 @@
+"""scripts/gpu_check.sh cannot rot: its dry run (tiny config, CPU, no Ray) runs every section here, as on the GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import gpu_check
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("gpu-check") / "gpu_check.json"
+    environment = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TIMEOUT_S": "400"}
+    completed = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+        cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=450,
+    )
+    assert out.exists(), completed.stdout[-3000:] + completed.stderr[-3000:]
+    data = json.loads(out.read_text())
+    data["_exit_code"] = completed.returncode
+    data["_stdout"] = completed.stdout
+    return data
+
+
+def test_dry_run_runs_every_section(dry_run: dict) -> None:
+    sections = dry_run["sections"]
+    assert list(sections) == ["environment", "model", "flops", "layout", "parity", "throughput", "compiled", "end_to_end"]
+    failed = {name: section.get("error") for name, section in sections.items() if section["status"] != "ok"}
+    assert not failed
+    assert dry_run["_exit_code"] == 0
+    assert "sections failed: none" in dry_run["_stdout"]
+
+
+def test_dry_run_figures(dry_run: dict) -> None:
+    sections = dry_run["sections"]
+    assert sections["environment"]["torch"]
+    flops = sections["flops"]
+    assert flops["cpu_over_analytic"] == pytest.approx(1.0, abs=0.02)
+    assert sections["layout"]["channels_last_through_backbone"] is True
+    parity = sections["parity"]["bfloat16"]
+    assert 0.99 < parity["embedding_cosine_mean"] <= 1.0 + 1e-6 and 0 <= parity["top1_agreement"] <= 1
+    assert sections["parity"]["images"] == 8
+    for name in ("throughput", "compiled"):
+        batches = sections[name]["batches"]
+        assert sorted(batches, key=int) == ["2", "4"]
+        assert all(row["images_per_s"] > 0 for row in batches.values())
+    assert sections["compiled"]["timed_out"] is False
+
+
+def test_dry_run_end_to_end_accounts_for_every_sample(dry_run: dict) -> None:
+    e2e = dry_run["sections"]["end_to_end"]
+    # The GPU machine has no Ray: the dry run takes the same in-process path.
+    assert e2e["ray"] is False and e2e["mode"] == "inprocess"
+    assert e2e["samples"] == e2e["output_rows"] == 24
+    assert e2e["errors"] == e2e["output_error_rows"] == 0
+    assert e2e["shards_committed"] == e2e["input"]["shards"] == 3
+
+
+def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    report = gpu_check.Report(str(out), gpu_check.dry_run_settings(str(out)))
+
+    def broken() -> dict:
+        raise RuntimeError("no GPU here")
+
+    report.section("first", broken)
+    saved = json.loads(out.read_text())  # written after the failing section already
+    assert saved["sections"]["first"]["status"] == "error"
+    assert "RuntimeError: no GPU here" in saved["sections"]["first"]["error"]
+    report.section("second", lambda: {"value": 1})
+    saved = json.loads(out.read_text())
+    assert saved["sections"]["second"] == {"status": "ok", "value": 1, "seconds": saved["sections"]["second"]["seconds"]}
+
+
+def test_batches_are_cut_to_a_fixed_size() -> None:
+    parts = [{"key": np.arange(start, start + size)} for start, size in ((0, 3), (3, 5), (8, 2))]
+    taken, rest, remaining = gpu_check._take(parts, 4)
+    assert np.concatenate([part["key"] for part in taken]).tolist() == [0, 1, 2, 3]
+    assert remaining == 6
+    assert np.concatenate([part["key"] for part in rest]).tolist() == [4, 5, 6, 7, 8, 9]
