@@ -270,6 +270,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
         """The weight the convolution uses; cached in eval mode (see the class docstring)."""
         if self.training or (self.weight.requires_grad and torch.is_grad_enabled()):
             return standardize_weight(self.weight, self.eps)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the cache key (data_ptr, version counter, is_inference: one graph break per
+            # conv). Compiled inference uses the cache as it stands (made by the cast to bf16, or by an eager call),
+            # and computes the weight in the graph when there is none.
+            cache = self._weight_cache
+            return cache[1] if cache is not None else standardize_weight(self.weight, self.eps)
         key = self._weight_key()
         cache = self._weight_cache
         if cache is None or cache[0] != key:

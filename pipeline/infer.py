@@ -17,6 +17,7 @@ import torch
 
 from model import ViTHybridForImageClassification
 from model.configuration import ViTHybridConfig
+from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.failpoints import failpoint
@@ -110,6 +111,7 @@ class InferenceActor:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        numerics_policy(str(self.dtype).removeprefix("torch.")).apply()  # the policy the fingerprint records
         latency_s = stand_in_latency_s()
         if latency_s is None:
             self.model = ViTHybridForImageClassification.from_pretrained(

@@ -15,12 +15,12 @@ from model.modeling import ViTHybridForImageClassification
 from tests.reference import random_pixel_values, small_config_dict
 
 CASES = {
-    "bottleneck-same-dynamic": dict(layer_type="bottleneck"),
-    "bottleneck-none-dynamic": dict(layer_type="bottleneck", global_padding=None, embedding_dynamic_padding=True),
-    "preact-none-static": dict(layer_type="preactivation", global_padding=None, embedding_dynamic_padding=False),
-    "preact-same-static": dict(layer_type="preactivation", global_padding="same", embedding_dynamic_padding=False),
-    "bottleneck-odd-size-patch2": dict(layer_type="bottleneck", image_size=70, patch_size=2),
-    "bottleneck-stage2-output": dict(layer_type="bottleneck", out_features=("stage2",)),
+    "bottleneck-same-dynamic": {"layer_type": "bottleneck"},
+    "bottleneck-none-dynamic": {"layer_type": "bottleneck", "global_padding": None, "embedding_dynamic_padding": True},
+    "preact-none-static": {"layer_type": "preactivation", "global_padding": None, "embedding_dynamic_padding": False},
+    "preact-same-static": {"layer_type": "preactivation", "global_padding": "same", "embedding_dynamic_padding": False},
+    "bottleneck-odd-size-patch2": {"layer_type": "bottleneck", "image_size": 70, "patch_size": 2},
+    "bottleneck-stage2-output": {"layer_type": "bottleneck", "out_features": ("stage2",)},
 }
 
 
