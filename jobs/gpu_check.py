@@ -199,10 +199,11 @@ def load_photographs() -> tuple[list[tuple[str, Any]], str]:
     from benchmarks.measures import PHOTO_NAMES, _synthetic_picture
 
     photos = []
+    data: Any = None
     try:
         from skimage import data
     except ImportError:
-        data = None
+        logger.warning("scikit-image is not installed: synthetic pictures instead of photographs")
     for name in PHOTO_NAMES if data is not None else ():
         try:
             photo = _as_rgb(getattr(data, name)())
@@ -330,9 +331,19 @@ def section_environment(settings: CheckSettings) -> dict[str, Any]:
         l2 = getattr(properties, "L2_cache_size", None)
         if l2:
             info["l2_cache_mib"] = round(l2 / 2**20, 1)
+        info["matmul_bf16_tflops_measured"] = measure_matmul_tflops()
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False)")
     return info
+
+
+def measure_matmul_tflops(size: int = 8192, iterations: int = 10) -> float:
+    """What this GPU really does on a large bf16 matrix product (the ceiling MFU is judged against in practice)."""
+    torch = _torch()
+    left = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    right = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    seconds = time_forward(lambda: left @ right, "cuda", warmup=3, iterations=iterations)
+    return 2.0 * size**3 / _median(seconds) / 1e12
 
 
 def _version_of(distribution: str) -> str | None:
