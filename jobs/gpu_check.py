@@ -37,10 +37,12 @@ import logging
 import os
 import platform
 import queue
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -70,6 +72,7 @@ class CheckSettings:
     compile: bool = True
     compile_backend: str = "inductor"
     compile_budget_s: float = 200.0
+    total_budget_s: float = 420.0  # the compile child gets at most what is left of this when it starts
     e2e_images: int = 8192
     e2e_images_per_shard: int = 256
     e2e_batch_size: int = 256
@@ -97,9 +100,14 @@ def dry_run_settings(out: str, **overrides: Any) -> CheckSettings:
 
 
 class Report:
-    """The JSON being built; :meth:`section` runs one part, records its result or its error, and saves."""
+    """The JSON being built; :meth:`section` runs one part, records its result or its error, and saves.
+
+    On SIGTERM (the wrapper's time cap) the section in progress is recorded as cut short before the process exits, so
+    the JSON says where the time ran out.
+    """
 
     def __init__(self, path: str, settings: CheckSettings) -> None:
+        self.current: tuple[str, float] | None = None
         self.path = Path(path)
         self.data: dict[str, Any] = {
             "tool": "jobs.gpu_check",
@@ -117,9 +125,25 @@ class Report:
         temporary.write_text(json.dumps(self.data, indent=2, default=_json_default) + "\n")
         os.replace(temporary, self.path)  # a reader (or a kill) never sees half a file
 
+    def remaining_s(self, budget_s: float) -> float:
+        return budget_s - (time.monotonic() - self.started)
+
+    def on_terminate(self, signum: int, _frame: Any) -> None:
+        if self.current is not None:
+            name, started = self.current
+            self.data["sections"][name] = {
+                "status": "error",
+                "error": f"terminated by signal {signum} (the time cap) {time.monotonic() - started:.1f} s into the section",
+                "seconds": round(time.monotonic() - started, 2),
+            }
+        self.data["terminated"] = True
+        self.save()
+        os._exit(128 + signum)
+
     def section(self, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         logger.info("section %s ...", name)
         started = time.monotonic()
+        self.current = (name, started)
         entry: dict[str, Any]
         result = None
         try:
@@ -134,6 +158,7 @@ class Report:
             }
         entry["seconds"] = round(time.monotonic() - started, 2)
         self.data["sections"][name] = entry
+        self.current = None
         self.save()
         logger.info("section %s: %s in %.1f s", name, entry["status"], entry["seconds"])
         return result
@@ -310,7 +335,7 @@ def section_environment(settings: CheckSettings) -> dict[str, Any]:
                 "numpy", "pyarrow", "pillow", "safetensors", "fsspec", "scikit-image", "transformers", "timm", "ray",
             )
         },
-        "ray": importlib.util.find_spec("ray") is not None,
+        "ray": has_ray(),
         "backend_flags_at_start": current_backend_flags(),
     }
     if torch.cuda.is_available():
@@ -344,6 +369,14 @@ def measure_matmul_tflops(size: int = 8192, iterations: int = 10) -> float:
     right = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     seconds = time_forward(lambda: left @ right, "cuda", warmup=3, iterations=iterations)
     return 2.0 * size**3 / _median(seconds) / 1e12
+
+
+def has_ray() -> bool:
+    """Whether Ray can be imported here (found, not imported: importing it takes seconds)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _version_of(distribution: str) -> str | None:
@@ -557,10 +590,13 @@ def _measure_batch(
     return row
 
 
-def section_compiled(settings: CheckSettings, flops_per_image: float) -> dict[str, Any]:
+def section_compiled(settings: CheckSettings, flops_per_image: float, budget_s: float | None = None) -> dict[str, Any]:
     """``torch.compile`` figures from a child process under a hard budget (see :func:`compiled_child`)."""
     if not settings.compile:
         return {"skipped": "--no-compile"}
+    budget_s = settings.compile_budget_s if budget_s is None else min(budget_s, settings.compile_budget_s)
+    if budget_s < 30:
+        raise RuntimeError(f"only {budget_s:.0f} s of the run's budget left: torch.compile not attempted")
     with tempfile.TemporaryDirectory(prefix="gpu-check-compile-") as folder:
         partial = Path(folder) / "compiled.json"
         command = [
@@ -573,14 +609,14 @@ def section_compiled(settings: CheckSettings, flops_per_image: float) -> dict[st
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
         try:
-            output, _ = process.communicate(timeout=settings.compile_budget_s)
+            output, _ = process.communicate(timeout=budget_s)
         except subprocess.TimeoutExpired:
             timed_out = True
             process.kill()
             output, _ = process.communicate()
         result: dict[str, Any] = json.loads(partial.read_text()) if partial.exists() else {}
         result.update({
-            "budget_s": settings.compile_budget_s,
+            "budget_s": round(budget_s, 1),
             "wall_s": round(time.monotonic() - started, 1),
             "timed_out": timed_out,
             "child_exit_code": process.returncode,
@@ -667,11 +703,11 @@ def write_shards(folder: Path, settings: CheckSettings) -> dict[str, Any]:
 
 def section_end_to_end(settings: CheckSettings, model: Any, model_images_per_s: float | None) -> dict[str, Any]:
     """Images/s through the job on local shards: the real Ray job where Ray exists, else its stages in-process."""
-    has_ray = importlib.util.find_spec("ray") is not None
+    ray_present = has_ray()
     mode = settings.e2e_mode
     if mode == "auto":
-        mode = "ray" if has_ray else "inprocess"
-    if mode == "ray" and not has_ray:
+        mode = "ray" if ray_present else "inprocess"
+    if mode == "ray" and not ray_present:
         raise RuntimeError("--e2e-mode ray, but Ray is not installed here")
     with tempfile.TemporaryDirectory(prefix="gpu-check-e2e-") as folder:
         base = Path(folder)
@@ -853,6 +889,8 @@ def _take(parts: list[dict[str, Any]], rows: int) -> tuple[list[dict[str, Any]],
 def run_check(settings: CheckSettings) -> dict[str, Any]:
     """Run every section in turn, saving the JSON after each; returns the report's data."""
     report = Report(settings.out, settings)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, report.on_terminate)
     report.section("environment", lambda: section_environment(settings))
     holder: dict[str, Any] = {}
 
@@ -874,9 +912,10 @@ def run_check(settings: CheckSettings) -> dict[str, Any]:
     report.section("layout", lambda: section_layout(settings, model))
     report.section("parity", lambda: section_parity(settings, model))
     throughput = report.section("throughput", lambda: section_throughput(settings, model, flops_per_image)) or {}
-    report.section("compiled", lambda: section_compiled(settings, flops_per_image))
     same_batch = throughput.get("batches", {}).get(str(settings.e2e_batch_size), {}).get("images_per_s")
     report.section("end_to_end", lambda: section_end_to_end(settings, model, same_batch))
+    # Last, because it is the slowest: it gets what is left of the run's budget (a few seconds kept for the end).
+    report.section("compiled", lambda: section_compiled(settings, flops_per_image, report.remaining_s(settings.total_budget_s) - 10))
     report.data["summary"] = summarize(report.data)
     report.save()
     return report.data
@@ -944,6 +983,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[CheckSettings, ar
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 64,128,256)")
     parser.add_argument("--timed-batches", type=int, default=None)
     parser.add_argument("--compile-budget-s", type=float, default=None, help="hard limit for the torch.compile child")
+    parser.add_argument("--total-budget-s", type=float, default=None,
+                        help="the compile section gets at most what is left of this (seconds since the start)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--e2e-images", type=int, default=None)
     parser.add_argument("--e2e-mode", choices=("auto", "ray", "inprocess"), default=None)
@@ -963,7 +1004,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[CheckSettings, ar
         overrides["device"] = args.device
     if args.batch_sizes:
         overrides["batch_sizes"] = tuple(int(size) for size in args.batch_sizes.split(",") if size.strip())
-    for name in ("timed_batches", "compile_budget_s", "e2e_images", "e2e_mode", "decode_threads"):
+    for name in ("timed_batches", "compile_budget_s", "total_budget_s", "e2e_images", "e2e_mode", "decode_threads"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_compile:

@@ -15,11 +15,31 @@ from jobs import gpu_check
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The GPU machine has none of these: hide them from the dry run, so that an import of one at module level anywhere on
+# the script's path fails here, in CI, and not there.
+ABSENT_ON_THE_GPU_MACHINE = ("ray", "transformers", "s3fs", "moto", "webdataset")
+HIDE_PACKAGES = f"""
+import sys
+
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_ON_THE_GPU_MACHINE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden: the GPU machine does not have it)")
+        return None
+
+sys.meta_path.insert(0, _Absent())
+"""
+
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = tmp_path_factory.mktemp("gpu-check") / "gpu_check.json"
-    environment = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_TIMEOUT_S": "400"}
+    folder = tmp_path_factory.mktemp("gpu-check")
+    out = folder / "gpu_check.json"
+    (folder / "site").mkdir()
+    (folder / "site" / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    environment = {
+        **os.environ, "PYTHON": sys.executable, "GPU_CHECK_TIMEOUT_S": "400", "PYTHONPATH": str(folder / "site"),
+    }
     completed = subprocess.run(
         [str(REPO_ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
         cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=450, check=False,
@@ -33,7 +53,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_dry_run_runs_every_section(dry_run: dict) -> None:
     sections = dry_run["sections"]
-    assert list(sections) == ["environment", "model", "flops", "layout", "parity", "throughput", "compiled", "end_to_end"]
+    assert list(sections) == ["environment", "model", "flops", "layout", "parity", "throughput", "end_to_end", "compiled"]
     failed = {name: section.get("error") for name, section in sections.items() if section["status"] != "ok"}
     assert not failed
     assert dry_run["_exit_code"] == 0
@@ -43,6 +63,7 @@ def test_dry_run_runs_every_section(dry_run: dict) -> None:
 def test_dry_run_figures(dry_run: dict) -> None:
     sections = dry_run["sections"]
     assert sections["environment"]["torch"]
+    assert sections["environment"]["ray"] is False  # hidden, as on the GPU machine
     flops = sections["flops"]
     assert flops["cpu_over_analytic"] == pytest.approx(1.0, abs=0.02)
     assert sections["layout"]["channels_last_through_backbone"] is True
@@ -79,6 +100,28 @@ def test_a_failing_section_is_recorded_and_the_next_one_still_runs(tmp_path: Pat
     report.section("second", lambda: {"value": 1})
     saved = json.loads(out.read_text())
     assert saved["sections"]["second"] == {"status": "ok", "value": 1, "seconds": saved["sections"]["second"]["seconds"]}
+
+
+def test_a_time_cap_is_recorded_in_the_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "report.json"
+    report = gpu_check.Report(str(out), gpu_check.dry_run_settings(str(out)))
+    report.section("done", lambda: {"value": 1})
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(gpu_check.os, "_exit", exit_now)
+
+    def cut_short() -> dict:
+        report.on_terminate(15, None)  # what SIGTERM from the wrapper's `timeout` does mid-section
+        return {}
+
+    with pytest.raises(SystemExit) as exited:
+        report.section("slow", cut_short)
+    assert exited.value.code == 143
+    saved = json.loads(out.read_text())
+    assert saved["terminated"] is True and saved["sections"]["done"]["status"] == "ok"
+    assert saved["sections"]["slow"]["status"] == "error" and "signal 15" in saved["sections"]["slow"]["error"]
 
 
 def test_batches_are_cut_to_a_fixed_size() -> None:
