@@ -409,7 +409,6 @@ def section_flops(settings: CheckSettings, model: Any) -> dict[str, Any]:
     return result
 
 
-
 def section_layout(settings: CheckSettings, model: Any) -> dict[str, Any]:
     """Memory format after the stem and after each stage, with the GroupNorm fix on and off."""
     from jobs.benchmark_model import random_pixel_values
@@ -440,7 +439,6 @@ def stage_layouts(model: Any, pixel_values: Any) -> dict[str, dict[str, Any]]:
     modules = {"stem": bit.embedder}
     for index, stage in enumerate(bit.encoder.stages[:out_stage_index]):
         modules[f"stage{index + 1}"] = stage
-        # The first block's norms tell whether the layout survives GroupNorm inside a block.
     seen: dict[str, dict[str, Any]] = {}
     handles = []
     for name, module in modules.items():
@@ -916,7 +914,11 @@ def run_check(settings: CheckSettings) -> dict[str, Any]:
     report.section("end_to_end", lambda: section_end_to_end(settings, model, same_batch))
     # Last, because it is the slowest: it gets what is left of the run's budget (a few seconds kept for the end).
     report.section("compiled", lambda: section_compiled(settings, flops_per_image, report.remaining_s(settings.total_budget_s) - 10))
-    report.data["summary"] = summarize(report.data)
+    try:
+        report.data["summary"] = summarize(report.data)
+    except Exception as error:  # the figures are in the sections; a summary bug must not hide them
+        logger.exception("summary failed")
+        report.data["summary"] = [f"summary failed: {type(error).__name__}: {error}; see the sections"]
     report.save()
     return report.data
 
@@ -954,15 +956,26 @@ def summarize(data: dict[str, Any]) -> list[str]:
                 f"parity {variant} vs fp32: max|dlogit| {row['max_abs_logit_diff']:.3g}, cosine min "
                 f"{row['embedding_cosine_min']:.6f} mean {row['embedding_cosine_mean']:.6f}, top-1 {row['top1_agreement']:.1%}"
             )
+    matmul_tflops = env.get("matmul_bf16_tflops_measured")
+    if matmul_tflops:
+        lines.append(f"bf16 8192^3 matmul: {matmul_tflops:.0f} TFLOP/s (data-sheet peak {env['peak_tflops']['bfloat16']})")
+    flops_per_image = sections.get("throughput", {}).get("flops_per_image")
     for name in ("throughput", "compiled"):
         section = sections.get(name, {})
         for batch, row in sorted(section.get("batches", {}).items(), key=lambda item: int(item[0])):
             mfu = row.get("mfu")
+            of_matmul = row["images_per_s"] * flops_per_image / (matmul_tflops * 1e12) if matmul_tflops and flops_per_image else None
             lines.append(
                 f"{name} bf16 batch {batch}: {row['images_per_s']:.1f} images/s"
                 + (f", MFU {mfu:.1%}" if mfu is not None else "")
-                + (f" (compile {row['compile_s']} s)" if "compile_s" in row else "")
+                + (f" ({of_matmul:.1%} of the measured matmul)" if of_matmul is not None else "")
+                + (f", compile {row['compile_s']} s" if "compile_s" in row else "")
             )
+        if name == "throughput" and "channels_last_fix_speedup" in section:
+            lines.append(f"channels-last GroupNorm fix at batch {section['without_channels_last_fix']['batch']}: "
+                         f"{section['channels_last_fix_speedup']:.3f}x")
+    if sections.get("compiled", {}).get("timed_out"):
+        lines.append(f"torch.compile stopped at its budget ({sections['compiled']['budget_s']} s)")
     e2e = sections.get("end_to_end", {})
     if e2e.get("status") == "ok":
         lines.append(

@@ -130,3 +130,35 @@ def test_batches_are_cut_to_a_fixed_size() -> None:
     assert np.concatenate([part["key"] for part in taken]).tolist() == [0, 1, 2, 3]
     assert remaining == 6
     assert np.concatenate([part["key"] for part in rest]).tolist() == [4, 5, 6, 7, 8, 9]
+
+
+def test_summary_of_a_gpu_report() -> None:
+    """The summary lines for the keys only a GPU run produces (the dry run cannot produce them)."""
+    parity_row = {"max_abs_logit_diff": 0.05, "embedding_cosine_min": 0.9991, "embedding_cosine_mean": 0.9996,
+                  "top1_agreement": 0.9375}
+    batch_row = {"images_per_s": 3000.0, "mfu": 0.3837}
+    data = {"sections": {
+        "environment": {"status": "ok", "device_name": "NVIDIA H200", "sm_count": 132, "memory_gib": 139.8,
+                        "torch": "2.11.0+cu130", "torch_cuda": "13.0", "cudnn": 91000, "ray": False,
+                        "peak_tflops": {"bfloat16": 989.0, "float32": 67.0}, "matmul_bf16_tflops_measured": 790.0},
+        "flops": {"status": "ok", "analytic_gflops": 126.5, "measured_cpu_math_attention_gflops": 126.5,
+                  "measured_cuda_gflops": 126.5},
+        "layout": {"status": "ok", "channels_last_through_backbone": True},
+        "parity": {"status": "ok", **{name: parity_row for name in
+                   ("bfloat16", "bfloat16_standardized_after_cast", "float32_tf32", "cpu_float32")}},
+        "throughput": {"status": "ok", "flops_per_image": 126.5e9, "batches": {"64": batch_row, "256": batch_row},
+                       "without_channels_last_fix": {"batch": 256, **batch_row}, "channels_last_fix_speedup": 1.1},
+        "end_to_end": {"status": "ok", "mode": "inprocess", "images_per_s": 2000.0, "samples": 8192, "errors": 0,
+                       "actor_busy_fraction": 0.8},
+        "compiled": {"status": "error", "timed_out": True, "budget_s": 200.0,
+                     "batches": {"256": {**batch_row, "compile_s": 95.0}}},
+    }}
+    lines = gpu_check.summarize(data)
+    text = "\n".join(lines)
+    assert "NVIDIA H200 (SMs 132, 139.8 GiB)" in text
+    assert "CUDA counter 126.50" in text
+    assert "throughput bf16 batch 256: 3000.0 images/s, MFU 38.4% (48.0% of the measured matmul)" in text
+    assert "compiled bf16 batch 256: 3000.0 images/s" in text and "compile 95.0 s" in text
+    assert "torch.compile stopped at its budget (200.0 s)" in text
+    assert "parity cpu_float32 vs fp32" in text and "channels-last GroupNorm fix at batch 256: 1.100x" in text
+    assert lines[-1] == "sections failed: compiled"
