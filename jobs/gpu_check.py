@@ -77,7 +77,7 @@ class CheckSettings:
     e2e_images_per_shard: int = 256
     e2e_batch_size: int = 256
     e2e_mode: str = "auto"  # auto (Ray if importable), ray, inprocess
-    decode_threads: int = 0  # 0: one per CPU core
+    decode_threads: int = 0  # 0: one per CPU core but one (the main thread feeds the GPU)
     seed: int = 0
 
     @property
@@ -787,7 +787,7 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
     _synchronize(actor.device)
     actor_startup_s = time.monotonic() - started
     schema = output_schema("classify", actor.hidden_size, "float32")
-    threads = settings.decode_threads or os.cpu_count() or 1
+    threads = settings.decode_threads or max(1, (os.cpu_count() or 2) - 1)  # a core left for feeding the GPU
     chunks: queue.Queue[Any] = queue.Queue(maxsize=max(8, 4 * threads))
     done = object()
 
@@ -1001,7 +1001,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[CheckSettings, ar
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--e2e-images", type=int, default=None)
     parser.add_argument("--e2e-mode", choices=("auto", "ray", "inprocess"), default=None)
-    parser.add_argument("--decode-threads", type=int, default=None, help="in-process end to end (0: one per core)")
+    parser.add_argument("--decode-threads", type=int, default=None, help="in-process end to end (0: one per core, but one)")
     # Internal: the torch.compile child.
     parser.add_argument("--compiled-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--settings-json", default=None, help=argparse.SUPPRESS)
