@@ -941,9 +941,9 @@ def summarize(data: dict[str, Any]) -> list[str]:
     flops = sections.get("flops", {})
     if flops.get("status") == "ok":
         lines.append(
-            f"GFLOPs/image: analytic {flops['analytic_gflops']:.2f}, CPU counter (math attention) "
-            f"{flops['measured_cpu_math_attention_gflops']:.2f}"
-            + (f", CUDA counter {flops['measured_cuda_gflops']:.2f}" if "measured_cuda_gflops" in flops else "")
+            f"GFLOPs/image: analytic {flops['analytic_gflops']:.5g}, CPU counter (math attention) "
+            f"{flops['measured_cpu_math_attention_gflops']:.5g}"
+            + (f", CUDA counter {flops['measured_cuda_gflops']:.5g}" if "measured_cuda_gflops" in flops else "")
         )
     layout = sections.get("layout", {})
     if layout.get("status") == "ok":

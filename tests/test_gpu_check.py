@@ -156,7 +156,7 @@ def test_summary_of_a_gpu_report() -> None:
     lines = gpu_check.summarize(data)
     text = "\n".join(lines)
     assert "NVIDIA H200 (SMs 132, 139.8 GiB)" in text
-    assert "CUDA counter 126.50" in text
+    assert "GFLOPs/image: analytic 126.5, CPU counter (math attention) 126.5, CUDA counter 126.5" in text
     assert "throughput bf16 batch 256: 3000.0 images/s, MFU 38.4% (48.0% of the measured matmul)" in text
     assert "compiled bf16 batch 256: 3000.0 images/s" in text and "compile 95.0 s" in text
     assert "torch.compile stopped at its budget (200.0 s)" in text
