@@ -307,11 +307,20 @@ def peak_tflops_for(device_name: str | None, dtype: str) -> float | None:
     return None
 
 
-def model_flop_utilisation(flops_per_image: float, images_per_s: float, peak_tflops: float | None) -> float | None:
-    """Achieved FLOP/s (FLOPs per image x images/s) as a fraction of the peak; None without a peak."""
+def model_flop_utilisation(
+    flops_per_image: float, images_per_s: float, peak_tflops: float | None, *, gpus: int = 1
+) -> float | None:
+    """MFU per GPU: achieved FLOP/s (FLOPs per image x images/s summed over all actors) over ``gpus`` x one GPU's peak.
+
+    ``images_per_s`` is what the whole pool did, so the peak it is held against is the pool's: dividing a pool's
+    throughput by one GPU's peak would report 8 busy GPUs as 800 % of one. ``flops_per_image`` must include attention
+    (:mod:`benchmarks.flops`). None without a peak.
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
     if not peak_tflops:
         return None
-    return flops_per_image * images_per_s / (peak_tflops * 1e12)
+    return flops_per_image * images_per_s / (gpus * peak_tflops * 1e12)
 
 
 def hardware_summary() -> dict[str, Any]:

@@ -382,14 +382,12 @@ def time_predict(actor: Any, pixels: torch.Tensor, *, warmup: int, iterations: i
 
 def count_flops_per_image(actor: Any, pixels: torch.Tensor) -> float:
     """FLOPs of one image through predict (convolutions, matrix products, attention; a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from benchmarks.flops import measured_flops  # counts attention on a CPU too (math backend)
     from pipeline.infer import predict
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        predict(actor.model, actor.normalizer, pixels[:1], top_k=TOP_K)
-    return float(counter.get_total_flops())
+    return measured_flops(
+        lambda: predict(actor.model, actor.normalizer, pixels[:1], top_k=TOP_K), images=1, device_type=pixels.device.type
+    )
 
 
 def _batch_of(crops: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
@@ -779,8 +777,9 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     )
     mfu = {
         "peak_tflops": peak,
-        "model_only": benchmarking.model_flop_utilisation(flops, bounds.model_pool_images_per_s, peak),
-        "end_to_end": benchmarking.model_flop_utilisation(flops, job["images_per_s"], peak),
+        # Per GPU: pool throughput over actors x one GPU's peak (one actor per GPU).
+        "model_only": benchmarking.model_flop_utilisation(flops, bounds.model_pool_images_per_s, peak, gpus=settings.actors),
+        "end_to_end": benchmarking.model_flop_utilisation(flops, job["images_per_s"], peak, gpus=settings.actors),
     }
     two_point = None
     if small_job is not None:

@@ -2,12 +2,17 @@
 
     python -m jobs.benchmark_model --batch-size 8 --threads 2 --iterations 3
     python -m jobs.benchmark_model --quick          # tiny config, one iteration: a smoke test for CI
+    python -m jobs.benchmark_model --device cuda --batch-size 128 --iterations 20 --bf16-iterations 20 --bf16-warmup 3
 
 One run builds the google/vit-hybrid-base-bit-384 architecture from its config (nothing is downloaded), draws
 random weights once, copies them into transformers' model, and then times four variants: native and reference, in
 float32 and bfloat16. Iterations are interleaved (native, reference, native, ...) so that a noisy machine slows all
 variants alike; each variant reports the median. It also reports FLOPs per image (``FlopCounterMode``) and how
 far the native logits are from the reference's (max absolute difference, top-1 agreement).
+
+``--device`` (default: cuda when torch sees a GPU, else cpu) runs both models there; on a GPU each timed run is
+measured with CUDA events, float32 runs without TF32 (the project's numerics policy, ``model.numerics``), and the
+FLOP count is the one the GPU executes (attention included, ``benchmarks.flops``).
 
 transformers is needed only here and in the tests (``pip install -e '.[test]'``).
 
@@ -52,6 +57,7 @@ class BenchmarkSettings:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     quick: bool = False
     seed: int = 0
+    device: str = "cpu"
 
 
 @dataclass
@@ -153,13 +159,24 @@ def build_reference(config: ViTHybridConfig, state_dict: dict[str, Tensor]) -> n
 
 
 def flops_per_image(model: nn.Module, pixel_values: Tensor) -> float:
-    """FLOPs of one forward (convolutions, matrix products, attention) divided by the batch size."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward (convolutions, matrix products, attention included on any device) per image."""
+    from benchmarks.flops import model_flops_per_image
 
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(pixel_values)
-    return counter.get_total_flops() / pixel_values.shape[0]
+    return model_flops_per_image(model, pixel_values)
+
+
+def _timed(run: Callable[[], Tensor], device: torch.device) -> tuple[float, Tensor]:
+    """Seconds of one call of ``run`` and its output: CUDA events on a GPU (the call is asynchronous there)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        output = run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0, output
+    started = time.perf_counter()
+    output = run()
+    return time.perf_counter() - started, output
 
 
 def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
@@ -177,12 +194,17 @@ def run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
 
 
 def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
+    from model.numerics import numerics_policy
+
+    device = torch.device(settings.device)
+    numerics_policy("float32").apply()  # no TF32: float32 on a GPU means float32, as on a CPU
     config = benchmark_config(settings.image_size, settings.quick)
     native = ViTHybridForImageClassification(config)
     randomize_weights(native, settings.seed)
     native.eval()
-    reference = build_reference(config, native.state_dict())
-    pixel_values = random_pixel_values(settings.batch_size, settings.image_size, settings.seed + 1)
+    reference = build_reference(config, native.state_dict()).to(device)
+    native.to(device)
+    pixel_values = random_pixel_values(settings.batch_size, settings.image_size, settings.seed + 1).to(device)
 
     models: dict[str, tuple[str, str, nn.Module]] = {}
     for dtype_name in settings.dtypes:
@@ -207,10 +229,8 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
                 wanted = settings.bf16_iterations if dtype_name == "bf16" else settings.iterations
                 if round_index >= wanted:
                     continue
-                run = forward(model)
-                start = time.perf_counter()
-                output = run()
-                timings[name].append(time.perf_counter() - start)
+                seconds, output = _timed(forward(model), device)
+                timings[name].append(seconds)
                 logits[name] = output.float()
                 logger.info("%s round %d: %.3fs", name, round_index + 1, timings[name][-1])
 
@@ -250,6 +270,7 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     }
     return {
         "settings": asdict(settings),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "variants": {name: asdict(result) for name, result in variants.items()},
         "paired_speedup": paired_speedup,
@@ -262,8 +283,10 @@ def format_table(results: dict[str, Any]) -> str:
     """The printed report: one row per variant, then FLOPs and accuracy."""
     settings = results["settings"]
     lines = [
-        f"batch {settings['batch_size']}, threads {results['torch_threads']}, image {settings['image_size']}"
-        f"{' (quick config)' if settings['quick'] else ''}",
+        (
+            f"{results['device_name']}: batch {settings['batch_size']}, threads {results['torch_threads']}, "
+            f"image {settings['image_size']}{' (quick config)' if settings['quick'] else ''}"
+        ),
         f"{'variant':<16} {'runs':>4} {'median s':>9} {'best s':>8} {'images/s':>9} {'vs ref fp32':>11}",
     ]
     for name, result in results["variants"].items():
@@ -302,7 +325,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> BenchmarkSettings:
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     parser.add_argument("--quick", action="store_true", help="tiny config, one warm-up and one timed run (CI smoke test)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where both models run; auto: cuda when torch sees a GPU, else cpu")
     args = parser.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
     dtypes = tuple(name.strip() for name in args.dtypes.split(",") if name.strip())
     unknown = [name for name in dtypes if name not in DTYPES]
     if unknown or not dtypes:
@@ -312,9 +340,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> BenchmarkSettings:
     if args.quick:
         return BenchmarkSettings(batch_size=min(args.batch_size, 2), threads=args.threads, iterations=1, warmup=1,
                                  bf16_iterations=1, bf16_warmup=1, image_size=min(args.image_size, 32), dtypes=dtypes, quick=True,
-                                 seed=args.seed)
+                                 seed=args.seed, device=device)
     return BenchmarkSettings(args.batch_size, args.threads, args.iterations, args.warmup, args.bf16_iterations,
-                             args.bf16_warmup, args.image_size, dtypes, False, args.seed)
+                             args.bf16_warmup, args.image_size, dtypes, False, args.seed, device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

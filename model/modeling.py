@@ -221,6 +221,37 @@ class WeightStandardizedConv2d(nn.Conv2d):
             self.clear_weight_cache()
         return super().train(mode)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> WeightStandardizedConv2d:
+        """``model.to(torch.bfloat16)`` and the like: standardise the float32 weight first, then cast the result.
+
+        Standardising after the cast would compute mean and variance from weights already rounded to 8 bits of
+        mantissa (the numerics policy, :mod:`model.numerics`, says float32 first). The result is put in the cache
+        under the converted weight's key, so eval-mode forwards use it until the weight changes (then the cache is
+        recomputed from the weight as it is, the only thing left).
+        """
+        weight = self.weight
+        precomputed = None
+        if weight.is_floating_point() and not weight.is_meta:
+            with torch.inference_mode(False), torch.no_grad():
+                target = fn(weight.new_empty(0))
+                if weight.dtype == torch.float32 and target.is_floating_point() and target.dtype != torch.float32:
+                    precomputed = fn(standardize_weight(weight.detach(), self.eps))
+                elif (
+                    target.dtype == weight.dtype
+                    and self._weight_cache is not None
+                    and self._weight_cache[0] == self._weight_key()
+                ):
+                    # A move or a layout change (channels_last): carry the cached result along with the weight.
+                    precomputed = fn(self._weight_cache[1])
+        super()._apply(fn, recurse)
+        if (
+            precomputed is not None
+            and not self.weight.is_meta
+            and (precomputed.dtype, precomputed.device) == (self.weight.dtype, self.weight.device)
+        ):
+            self._weight_cache = (self._weight_key(), precomputed)
+        return self
+
     def clear_weight_cache(self) -> None:
         self._weight_cache = None
 
@@ -239,6 +270,12 @@ class WeightStandardizedConv2d(nn.Conv2d):
         """The weight the convolution uses; cached in eval mode (see the class docstring)."""
         if self.training or (self.weight.requires_grad and torch.is_grad_enabled()):
             return standardize_weight(self.weight, self.eps)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the cache key (data_ptr, version counter, is_inference: one graph break per
+            # conv). Compiled inference uses the cache as it stands (made by the cast to bf16, or by an eager call),
+            # and computes the weight in the graph when there is none.
+            cache = self._weight_cache
+            return cache[1] if cache is not None else standardize_weight(self.weight, self.eps)
         key = self._weight_key()
         cache = self._weight_cache
         if cache is None or cache[0] != key:
@@ -256,15 +293,28 @@ class WeightStandardizedConv2d(nn.Conv2d):
         )
 
 
+def _is_channels_last(tensor: Tensor) -> bool:
+    """A 4-d tensor laid out NHWC (and not also NCHW, as 1x1 maps or single channels are)."""
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
 class BitGroupNormActivation(nn.GroupNorm):
-    """GroupNorm followed by the backbone's activation (or none)."""
+    """GroupNorm followed by the backbone's activation (or none); a channels-last input gives a channels-last output."""
+
+    # Class-wide switch, for measuring what keeping channels-last costs or saves on a GPU (jobs.gpu_check); leave on.
+    keep_channels_last: bool = True
 
     def __init__(self, config: BitConfig, num_channels: int, eps: float = 1e-5, apply_activation: bool = True) -> None:
         super().__init__(config.num_groups, num_channels, eps=eps, affine=True)
         self.activation = Activation(config.hidden_act) if apply_activation else None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        channels_last = self.keep_channels_last and _is_channels_last(hidden_states)
         hidden_states = F.group_norm(hidden_states, self.num_groups, self.weight, self.bias, self.eps)
+        if channels_last and not hidden_states.is_contiguous(memory_format=torch.channels_last):
+            # CUDA's GroupNorm returns NCHW whatever its input; without this every later conv of the backbone would
+            # run NCHW (tensor-core convolutions want NHWC). The CPU kernel keeps channels-last, so no copy there.
+            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
         if self.activation is not None:
             hidden_states = self.activation(hidden_states, inplace=True)
         return hidden_states

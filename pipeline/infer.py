@@ -46,6 +46,7 @@ import torch
 
 from model import ViTHybridForImageClassification
 from model.configuration import ViTHybridConfig
+from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.decode import decode_batch
@@ -237,6 +238,7 @@ class InferenceActor:
             ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
             if settings.decode_in_actor and settings.decode_threads > 1 else None
         )
+        numerics_policy(str(self.dtype).removeprefix("torch.")).apply()  # the policy the fingerprint records
         latency_s = stand_in_latency_s()
         self.model: torch.nn.Module
         self.normalizer: torch.nn.Module

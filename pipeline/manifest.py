@@ -313,6 +313,7 @@ class JobFingerprint:
     top_k: int | None = None
     embedding_dtype: str = "float32"
     normalize_embeddings: bool = False
+    numerics: Mapping[str, Any] = field(default_factory=dict)  # model.numerics.NumericsPolicy.to_dict()
     project_version: str = field(default_factory=project_version)
 
     #: Fields whose difference means the outputs differ.
@@ -324,6 +325,7 @@ class JobFingerprint:
         "top_k",
         "embedding_dtype",
         "normalize_embeddings",
+        "numerics",
     )
 
     def __post_init__(self) -> None:

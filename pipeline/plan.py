@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
 from pipeline import decode, sources
 from pipeline.compute import (
@@ -185,6 +186,7 @@ def build_fingerprint(
         top_k=config.top_k if config.task == "classify" else None,
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
+        numerics=numerics_policy(compute_dtype).to_dict(),  # TF32, weight standardisation (model/numerics.py)
     )
 
 

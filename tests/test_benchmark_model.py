@@ -52,3 +52,15 @@ def test_benchmark_config_grid() -> None:
     config = benchmark_model.benchmark_config(384)
     assert config.backbone_featmap_shape == [1, 1024, 24, 24] and config.num_labels == 1000
     assert benchmark_model.benchmark_config(224).backbone_featmap_shape == [1, 1024, 14, 14]
+
+
+def test_device_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark_model.parse_settings(["--quick"]).device == "cpu"  # auto without a GPU
+    assert benchmark_model.parse_settings(["--device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        benchmark_model.parse_settings(["--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert benchmark_model.parse_settings(["--batch-size", "4"]).device == "cuda"  # auto with a GPU
