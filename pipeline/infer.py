@@ -126,7 +126,16 @@ class InferenceActor:
         self.normalizer = processor.normalizer(device=self.device, dtype=self.dtype)
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.hidden_size = self.model.config.hidden_size
+        self._warm_up(processor)
         logger.info("inference actor ready: %s on %s in %s", settings.model_uri, self.device, self.dtype)
+
+    def _warm_up(self, processor: ViTHybridImageProcessor) -> None:
+        """One forward pass of one image at the model's input size, once per actor (issue 11): oneDNN / cuDNN pick
+        and build their kernels and the standardised conv weights are cached here, while the first shards decode,
+        instead of inside the first real batch."""
+        height, width = processor.output_size
+        pixels = torch.zeros((1, height, width, 3), dtype=torch.uint8, device=self.device)
+        predict(self.model, self.normalizer, pixels, top_k=self.settings.top_k if self.settings.task == "classify" else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         failpoint("infer.batch")

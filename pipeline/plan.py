@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ import pyarrow as pa
 import torch
 
 from model.processing import ViTHybridImageProcessor
-from pipeline import decode, sources
+from pipeline import cpu, decode, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
@@ -182,13 +183,14 @@ def run_job(config: JobConfig) -> JobSummary:
     in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
     from model.configuration import ViTHybridConfig
-    from model.weights import load_checkpoint
+    from model.weights import checkpoint_fingerprint
 
     started = time.monotonic()
     with _storage_step("cannot load model", config.model):
         model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
-        # Reading the weights here (once, on the driver) fails fast on a bad --model and gives the sha256.
-        _, checkpoint = load_checkpoint(config.model, storage_options=config.storage_options)
+        # The weights' identity from their metadata (no full read on the driver: issue 11); fails fast on a missing
+        # or non-safetensors file. The actors read the weights.
+        checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
         processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
     with _storage_step("cannot read input", config.input):
         planned = sources.plan_shards(
@@ -200,10 +202,13 @@ def run_job(config: JobConfig) -> JobSummary:
 
     compute_dtype = _dtype_without_cluster(config)
     use_gpu: bool | None = None
-    if compute_dtype is None:  # "auto" on "auto": bfloat16 if the cluster has GPUs, else float32
+    if compute_dtype is None:  # "auto": bfloat16 on GPUs; on CPU nodes what their CPU computes natively
         use_gpu = _use_gpu(config, _connect_ray())
-        compute_dtype = _dtype_name(resolve_dtype(config.dtype, torch.device("cuda" if use_gpu else "cpu")))
-    fingerprint = build_fingerprint(config, checkpoint.sha256, processor, compute_dtype)
+        if use_gpu:
+            compute_dtype = _dtype_name(resolve_dtype(config.dtype, torch.device("cuda")))
+        else:
+            compute_dtype = cpu.probe_cpu_node(_connect_ray()).dtype  # decided on a computing node, frozen below
+    fingerprint = build_fingerprint(config, checkpoint.digest, processor, compute_dtype)
     with _storage_step("cannot open output", config.output):
         state = OutputState.open(
             config.output,
@@ -267,9 +272,7 @@ def _dtype_without_cluster(config: JobConfig) -> str | None:
     """The compute dtype when it does not depend on the cluster's GPUs, else None."""
     if config.dtype != "auto":
         return _dtype_name(resolve_dtype(config.dtype, torch.device("cpu")))  # a named dtype ignores the device
-    if config.device == "cpu":
-        return _dtype_name(resolve_dtype("auto", torch.device("cpu")))
-    return None
+    return None  # on CPU nodes too: "auto" depends on their CPU (pipeline.cpu), not the driver's
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -321,10 +324,16 @@ def _build_dataset(
     if use_gpu:
         max_actors = config.max_actors or gpus_in_cluster
         actor_resources = {"num_gpus": config.gpus_per_actor or 1, "num_cpus": config.cpus_per_actor or 1}
-    else:
-        max_actors = config.max_actors or 1
-        actor_resources = {"num_cpus": config.cpus_per_actor or 1}
-    threads = max(1, int(actor_resources["num_cpus"]))
+        threads = max(1, int(actor_resources["num_cpus"]))
+        decode_cpus = config.decode_cpus or 1.0
+    else:  # CPU-only: every core busy, split between one actor per node and decoding by each stage's cost
+        nodes = ray.nodes()
+        sizing = cpu.size_cpu_node(cpu.smallest_cpu_node(nodes) or 1.0)
+        logger.info("CPU-only cluster, per node: %s", sizing)
+        max_actors = config.max_actors or max(1, cpu.count_cpu_nodes(nodes))
+        actor_resources = {"num_cpus": config.cpus_per_actor or sizing.cpus_per_actor}
+        threads = math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads
+        decode_cpus = config.decode_cpus or sizing.decode_cpus_per_task
     settings = InferenceSettings(
         model_uri=config.model,
         task=config.task,
@@ -342,7 +351,7 @@ def _build_dataset(
         read_and_decode_shards,
         batch_size=1,
         batch_format="numpy",
-        num_cpus=config.decode_cpus,
+        num_cpus=decode_cpus,
         # A memory reservation bounds how many decodes of large photos share a node; it also keeps Ray Data from
         # fusing decode into the inference actors (fused, the actor would decode and infer in turn, serially).
         memory=config.decode_memory_mb * 1024 * 1024,
