@@ -35,7 +35,14 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from model.storage import StorageOptions, filesystem_for, join_uri, read_bytes, with_retries, write_bytes
+from model.storage import (
+    StorageOptions,
+    filesystem_for,
+    join_uri,
+    read_bytes,
+    with_retries,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
