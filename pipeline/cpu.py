@@ -107,6 +107,26 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def capabilities_from_proc_cpuinfo(path: str = "/proc/cpuinfo") -> CpuCapabilities | None:
+    """This node's capabilities from the kernel's ``/proc/cpuinfo`` without importing torch; None where unreadable.
+
+    Why besides :func:`detect_cpu_capabilities`: the probe runs on the job's critical path, and importing torch in a
+    fresh worker costs seconds; the flags the kernel lists are the same cpuid bits torch reads.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            name, flags = parse_cpuinfo(handle.read())
+    except OSError:
+        return None
+    if not flags:
+        return None
+    isa = "AVX512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "AVX2" if "avx2" in flags else "DEFAULT"
+    return capabilities_from_flags(
+        flags, name=name, logical_cpus=usable_cpus(), physical_cores=None, isa=f"{isa} (from flags)",
+        source="/proc/cpuinfo",
+    )
+
+
 def detect_cpu_capabilities() -> CpuCapabilities:
     """This node's capabilities, from what torch reports (falling back to ``/proc/cpuinfo``).
 
@@ -223,7 +243,11 @@ def decide_on_this_node(confirm: bool = True) -> dict[str, Any]:
 
     Returns :meth:`CpuDtypeDecision.to_dict` (plain data, so that it crosses a Ray task boundary as it is).
     """
-    capabilities = detect_cpu_capabilities()
+    # The kernel's flags first (no torch import: fast); where they claim native bf16, or cannot be read, what torch
+    # reports decides, confirmed by a measurement.
+    capabilities = capabilities_from_proc_cpuinfo()
+    if capabilities is None or capabilities.native_bf16:
+        capabilities = detect_cpu_capabilities()
     measured = measure_bf16_speedup() if confirm and capabilities.native_bf16 else None
     return choose_cpu_dtype(capabilities, measured).to_dict()
 
@@ -351,6 +375,7 @@ __all__ = [
     "CpuDtypeDecision",
     "CpuNodePlan",
     "capabilities_from_flags",
+    "capabilities_from_proc_cpuinfo",
     "choose_cpu_dtype",
     "count_cpu_nodes",
     "decide_on_this_node",

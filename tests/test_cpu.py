@@ -17,7 +17,7 @@ from pipeline.plan import build_fingerprint
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
 model name\t: Intel(R) Xeon(R) Platinum 8488C
-flags\t\t: fpu sse2 avx avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile
+flags\t\t: fpu sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile
 
 processor\t: 1
 model name\t: ignored second entry
@@ -60,6 +60,19 @@ def test_detected_capabilities_agree_with_proc_cpuinfo() -> None:
     assert detected.logical_cpus == cpu.usable_cpus() >= 1
     assert CpuCapabilities.from_dict(detected.to_dict()) == detected
     assert detected.name in detected.describe()
+
+
+def test_proc_cpuinfo_capabilities_match_torchs(tmp_path: Path) -> None:
+    from_kernel = cpu.capabilities_from_proc_cpuinfo()
+    from_torch = cpu.detect_cpu_capabilities()
+    assert from_kernel is not None
+    for flag in ("avx2", "avx512", "avx512_bf16", "amx_bf16"):
+        assert getattr(from_kernel, flag) == getattr(from_torch, flag), flag
+    written = tmp_path / "cpuinfo"
+    written.write_text(CPUINFO, encoding="utf-8")
+    parsed = cpu.capabilities_from_proc_cpuinfo(str(written))
+    assert parsed is not None and parsed.native_bf16 and parsed.amx_bf16 and parsed.isa.startswith("AVX512")
+    assert cpu.capabilities_from_proc_cpuinfo(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize(
