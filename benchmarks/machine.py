@@ -29,7 +29,6 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
 def report_lines(results: Mapping[str, Any]) -> list[str]:
     machine = results["machine"]
     lines = [
-        "",
         "0. machine (pipeline.cpu, as the job's probe task sees it)",
         f"   CPU                {machine['described']}",
         f"   dtype auto on CPU  {machine['auto_dtype']}   ({machine['reason']})",

@@ -110,13 +110,14 @@ def _settings_dict(settings: BenchmarkSettings) -> dict[str, Any]:
 def format_results(results: dict[str, Any]) -> str:
     """The main table when its stages ran, then every stage's own lines."""
     names = results["stages"]
-    parts = []
-    if all(name in names for name in TABLE_STAGES):
-        parts.append(benchmarking.format_report(results))
-    else:
-        parts.append(f"ViT Hybrid benchmark, stages: {', '.join(names)}")
-    parts.extend(report_lines(results, names))
-    return "\n".join(parts)
+    if not all(name in names for name in TABLE_STAGES):
+        return "\n".join([f"ViT Hybrid benchmark, stages: {', '.join(names)}", *report_lines(results, names)])
+    # Stages registered before the table's first (the machine) read as its preamble; the others follow it.
+    first = min(names.index(name) for name in TABLE_STAGES)
+    return "\n".join([
+        *report_lines(results, names[:first]), "", benchmarking.format_report(results),
+        *report_lines(results, names[first:]),
+    ]).lstrip("\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
