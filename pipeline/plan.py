@@ -42,13 +42,7 @@ from pipeline import cpu, decode, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
-from pipeline.manifest import (
-    JobFingerprint,
-    OutputState,
-    ShardAssembler,
-    sanitize_arguments,
-    sanitize_uri,
-)
+from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
 logger = logging.getLogger(__name__)
@@ -308,7 +302,7 @@ def _storage_step(what: str, uri: str) -> Iterator[None]:
         yield
     except JobError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - filtered right below, re-raised unless it is a storage error
         if not _is_storage_error(error):
             raise
         raise JobError(f"{what} {sanitize_uri(uri)}: {_describe_storage_error(error)}") from error
@@ -405,7 +399,7 @@ def _consume_and_commit(
                 in_flight = _collect_finished(in_flight, summary)
                 if _error_budget_exceeded(summary, config.max_error_fraction):
                     break
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - only a shard read error is translated; the rest re-raised
             read_error = _find_cause(error, sources.ShardReadError)
             if read_error is None:
                 raise
