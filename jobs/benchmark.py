@@ -187,10 +187,13 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     actors = args.actors or (torch.cuda.device_count() if gpu else 1)
     batch_size = args.batch_size or (8 if args.quick else 256 if gpu else 16)
     images = args.images or (24 if args.quick else 20000 if gpu else 64)
+    cpus_per_actor: float | None
+    decode_cpus: float | None
     if gpu:
-        cpus_per_actor: float | None = args.cpus_per_actor or 1.0
-        decode_cpus: float | None = args.decode_cpus or max(1.0, usable - actors * cpus_per_actor)
-        ray_cpus = math.ceil(decode_cpus + actors * cpus_per_actor)
+        gpu_actor_cpus: float = args.cpus_per_actor or 1.0
+        gpu_decode_cpus: float = args.decode_cpus or max(1.0, usable - actors * gpu_actor_cpus)
+        cpus_per_actor, decode_cpus = gpu_actor_cpus, gpu_decode_cpus
+        ray_cpus = math.ceil(gpu_decode_cpus + actors * gpu_actor_cpus)
         torch_threads = 1
         dtype = "bfloat16" if args.dtype == "auto" else canonical_dtype(args.dtype)
     else:

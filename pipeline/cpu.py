@@ -71,7 +71,7 @@ class CpuCapabilities:
 
 def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
     """``(model name, flags)`` of the first processor in a ``/proc/cpuinfo`` text."""
-    name, flags = "unknown CPU", set()
+    name, flags = "unknown CPU", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
