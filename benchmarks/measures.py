@@ -80,35 +80,10 @@ class EncodedImage:
 
 
 def sample_photographs(names: Sequence[str] = PHOTO_NAMES) -> list[tuple[str, np.ndarray]]:
-    """Real RGB photographs from scikit-image, as ``(name, uint8 HxWx3)``.
+    """Real RGB photographs from scikit-image, as ``(name, uint8 HxWx3)`` (one home: :func:`fixtures.photos.rgb_photographs`)."""
+    from fixtures.photos import rgb_photographs
 
-    scikit-image is a test dependency; without it the set falls back to smooth synthetic pictures (and says so),
-    which compress and decode less like photographs.
-    """
-    try:
-        from skimage import data
-    except ImportError:
-        logger.warning("scikit-image is not installed: using synthetic pictures instead of real photographs")
-        return [(f"synthetic-{index}", _synthetic_picture(index)) for index in range(len(names))]
-    photos = []
-    for name in names:
-        loader = getattr(data, name, None)
-        if loader is None:
-            continue
-        photo = np.asarray(loader())
-        if photo.ndim == 3 and photo.shape[-1] == 3 and photo.dtype == np.uint8:
-            photos.append((name, photo))
-    if not photos:
-        raise RuntimeError(f"none of the scikit-image photographs {list(names)} could be loaded")
-    return photos
-
-
-def _synthetic_picture(seed: int, width: int = 512, height: int = 384) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [127 + 100 * np.sin(rng.uniform(0.005, 0.05) * x + rng.uniform(0.005, 0.05) * y + rng.uniform(0, 6.3))
-                for _ in range(3)]
-    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+    return rgb_photographs(names)
 
 
 def render_jpeg(

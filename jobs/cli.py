@@ -76,7 +76,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     if task == "classify":
         model.add_argument("--top-k", type=int, default=defaults.top_k, help="classes kept per image")
     model.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES,
-                       help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+                       help="compute dtype; auto = bfloat16 on GPU; on CPU bfloat16 where the node's CPU has "
+                            "AVX512-BF16 or AMX, else float32")
     model.add_argument("--device", default=defaults.device, choices=DEVICES,
                        help="auto = GPU actors when the cluster has GPUs, else CPU actors")
     model.add_argument("--embedding-dtype", default=defaults.embedding_dtype, choices=EMBEDDING_DTYPES,
@@ -86,10 +87,13 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     compute = parser.add_argument_group("compute")
     compute.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default 256 on GPU, 16 on CPU)")
     compute.add_argument("--min-actors", type=int, default=defaults.min_actors, help="minimum inference actors")
-    compute.add_argument("--max-actors", type=int, default=None, help="maximum inference actors (default: one per GPU the cluster can reach, or 1 on CPU)")
+    compute.add_argument("--max-actors", type=int, default=None, help="maximum inference actors (default: one per GPU the cluster can reach, or one per CPU-only node)")
     compute.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per inference actor (default 1)")
-    compute.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per inference actor (default 1; torch threads on CPU)")
-    compute.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus, help="CPUs reserved per decode task")
+    compute.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per inference actor (default 1 on GPU; on CPU-only nodes all but the decode share; "
+                              "torch threads on CPU)")
+    compute.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus,
+                         help="CPUs reserved per decode task (default 1 on GPU clusters; on CPU-only ones sized from "
+                              "the node, see README 'Every core busy')")
     compute.add_argument("--decode-memory-mb", type=int, default=defaults.decode_memory_mb,
                          help="memory reserved per decode task (bounds concurrent decodes of large photos)")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",

@@ -35,7 +35,14 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from model.storage import StorageOptions, filesystem_for, join_uri, read_bytes, with_retries
+from model.storage import (
+    StorageOptions,
+    filesystem_for,
+    join_uri,
+    read_bytes,
+    with_retries,
+    write_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +188,158 @@ def load_checkpoint(
         state_dict = timm_to_hf(state_dict)
     logger.info("read %d tensors from %s (%s layout, sha256 %s)", len(state_dict), weights_uri, layout, digest[:12])
     return state_dict, CheckpointInfo(uri, weights_uri, digest, layout, file_format, config_uri)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Identity without reading the weights
+# --------------------------------------------------------------------------------------------------------------------
+
+SHA256_SIDECAR_SUFFIX = ".sha256"
+# A safetensors header is a few hundred kB for this model; a larger one means the file is not safetensors.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CheckpointFingerprint:
+    """Who a checkpoint is, known without reading its weights: what a job's fingerprint records about the model.
+
+    ``digest`` is a sha256 over what identifies the weights file(s):
+
+    * with a sidecar (``model.safetensors.sha256``, as ``sha256sum`` writes it): the weights' own sha256 from it and
+      the file's size; a copy of the checkpoint to another place keeps its identity;
+    * otherwise the safetensors header (every tensor's name, dtype, shape and byte range), the file's size and its
+      version as storage reports it (the object's ETag or version id on S3, the modification time on a local disk):
+      rewriting the file, even with same-shaped tensors, changes the version.
+
+    Why not the sha256 of the bytes: on the driver that is a full read of a 400 MB file (seconds, and again for every
+    job) before any work starts; the actors read the weights anyway. ``basis`` says which of the two was used.
+    """
+
+    uri: str
+    weights_file: str
+    digest: str
+    basis: str  # "sidecar" or "header+size+version" (or "size+version" for a pickled .bin)
+    layout: str | None  # from the safetensors header's tensor names; None for a pickled .bin
+    format: str  # "safetensors" or "pytorch"
+    config_uri: str | None = None
+
+
+def _read_range(uri: str, start: int, end: int, storage_options: StorageOptions | None) -> bytes:
+    filesystem, path = filesystem_for(uri, storage_options)
+    return with_retries(lambda: filesystem.cat_file(path, start=start, end=end), description=f"reading {uri}")
+
+
+def _file_identity(uri: str, storage_options: StorageOptions | None) -> dict[str, object]:
+    """Size and version of one file as storage reports them (no read of its content)."""
+    filesystem, path = filesystem_for(uri, storage_options)
+
+    def info() -> dict:
+        filesystem.invalidate_cache(path)  # s3fs caches listings: a checkpoint replaced since would look unchanged
+        return filesystem.info(path)
+
+    details = with_retries(info, description=f"inspecting {uri}")
+    version = {
+        key: str(details[key])
+        for key in ("ETag", "VersionId", "mtime", "LastModified", "last_modified", "etag", "generation", "md5Hash")
+        if details.get(key) not in (None, "")
+    }
+    return {"size": int(details.get("size") or 0), "version": version}
+
+
+def read_safetensors_header(uri: str, storage_options: StorageOptions | None = None) -> dict[str, object]:
+    """The JSON header of a safetensors file (two ranged reads: its length, then it); raises CheckpointError."""
+    prefix = _read_range(uri, 0, 8, storage_options)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{uri} is not a readable safetensors file: shorter than its 8-byte header length")
+    length = int.from_bytes(prefix, "little")
+    if not 2 <= length <= _MAX_SAFETENSORS_HEADER:
+        raise CheckpointError(f"{uri} is not a readable safetensors file: header length {length} is implausible")
+    raw = _read_range(uri, 8, 8 + length, storage_options)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{uri} is not a readable safetensors file: its header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{uri} is not a readable safetensors file: its header is not a JSON object")
+    return header
+
+
+def _read_sidecar(uri: str, storage_options: StorageOptions | None) -> str | None:
+    sidecar = uri + SHA256_SIDECAR_SUFFIX
+    filesystem, path = filesystem_for(sidecar, storage_options)
+    try:
+        text = with_retries(lambda: filesystem.cat_file(path), description=f"reading {sidecar}").decode().strip()
+    except FileNotFoundError:
+        return None
+    digest = text.split()[0].lower() if text else ""
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise CheckpointError(f"{sidecar} does not start with a sha256 hex digest; rewrite it with `sha256sum`")
+    return digest
+
+
+def _describe_file(uri: str, storage_options: StorageOptions | None) -> tuple[dict[str, object], str | None]:
+    """What identifies one weights file, and the key layout its header shows (None for a pickle)."""
+    identity = _file_identity(uri, storage_options)
+    sidecar = _read_sidecar(uri, storage_options)
+    layout = None
+    if uri.endswith(".safetensors"):
+        header = read_safetensors_header(uri, storage_options)
+        names = {name: None for name in header if name != "__metadata__"}
+        layout = detect_layout(_strip_wrapper_prefix(names), uri)  # type: ignore[arg-type]
+        if sidecar is None:
+            identity["header_sha256"] = _sha256(json.dumps(header, sort_keys=True).encode())
+    if sidecar is not None:
+        return {"sha256": sidecar, "size": identity["size"]}, layout
+    return identity, layout
+
+
+def checkpoint_fingerprint(
+    path_or_uri: str | os.PathLike[str], storage_options: StorageOptions | None = None
+) -> CheckpointFingerprint:
+    """Identify a checkpoint from its metadata (see :class:`CheckpointFingerprint`), reading no weights.
+
+    Fails like :func:`load_checkpoint` would on what it can see without the weights: a missing folder or file
+    (``FileNotFoundError``), a file that is not safetensors or whose tensor names are neither layout
+    (:class:`CheckpointError`). Shapes are checked by the actors, which read the weights.
+    """
+    uri = os.fspath(path_or_uri)
+    weights_uri, config_uri = find_weights_file(uri, storage_options)
+    files: dict[str, object] = {}
+    layouts: set[str] = set()
+    if weights_uri.endswith(".index.json"):
+        payload = read_bytes(weights_uri, storage_options)
+        try:
+            weight_map = json.loads(payload)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{weights_uri} is not a safetensors index (no 'weight_map'): {error}") from error
+        files["index_sha256"] = _sha256(payload)
+        base = weights_uri.rsplit("/", 1)[0] if "/" in weights_uri else "."
+        for shard in sorted(set(weight_map.values())):
+            files[shard], layout = _describe_file(join_uri(base, shard), storage_options)
+            layouts.update([layout] if layout else [])
+    else:
+        files[weights_uri.rsplit("/", 1)[-1]], layout = _describe_file(weights_uri, storage_options)
+        layouts.update([layout] if layout else [])
+    file_format = "pytorch" if weights_uri.endswith((".bin", ".pt", ".pth")) else "safetensors"
+    sidecars = all(isinstance(item, dict) and "sha256" in item for key, item in files.items() if key != "index_sha256")
+    basis = "sidecar" if sidecars else "header+size+version" if file_format == "safetensors" else "size+version"
+    digest = _sha256(json.dumps(files, sort_keys=True).encode())
+    logger.info("fingerprint of %s from %s: %s", weights_uri, basis, digest[:12])
+    return CheckpointFingerprint(
+        uri, weights_uri, digest, basis, layouts.pop() if len(layouts) == 1 else None, file_format, config_uri
+    )
+
+
+def write_sha256_sidecar(weights_uri: str, storage_options: StorageOptions | None = None) -> str:
+    """Hash a weights file once and write ``<file>.sha256`` beside it (``sha256sum`` format); returns the digest.
+
+    With the sidecar, a job's fingerprint of the checkpoint is the weights' real sha256, kept when the checkpoint is
+    copied elsewhere. Write it again whenever the weights change: a stale sidecar is trusted.
+    """
+    digest = _sha256(read_bytes(weights_uri, storage_options))
+    name = weights_uri.rsplit("/", 1)[-1]
+    write_bytes(weights_uri + SHA256_SIDECAR_SUFFIX, f"{digest}  {name}\n".encode(), storage_options)
+    return digest
 
 
 def serialize_state_dict(state_dict: Mapping[str, Tensor], safe_serialization: bool = True) -> bytes:
@@ -338,12 +497,16 @@ __all__ = [
     "SAFE_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "CheckpointError",
+    "CheckpointFingerprint",
     "CheckpointInfo",
     "adapt_prefix",
     "check_state_dict",
+    "checkpoint_fingerprint",
     "detect_layout",
     "find_weights_file",
     "load_checkpoint",
+    "read_safetensors_header",
     "serialize_state_dict",
     "timm_to_hf",
+    "write_sha256_sidecar",
 ]

@@ -17,6 +17,10 @@ seven. So the decision reads two figures:
 edges. With GPUs reachable, the pool's maximum is the GPUs reachable divided by ``--gpus-per-actor`` (capped by
 ``--max-actors``), and :func:`request_gpus` asks the autoscaler for that many GPU bundles at once, instead of
 waiting for Ray Data to discover pending actors one scale-up step at a time.
+
+Without GPUs, the CPU nodes decide: ``auto`` is the dtype a CPU node computes natively (:mod:`pipeline.cpu`, probed on
+such a node), and each node's CPUs are split between one inference actor and the decode tasks by the measured cost of
+each stage (:func:`pipeline.cpu.size_cpu_node`), so that every core is busy.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig, canonical_dtype
+from pipeline.cpu import count_cpu_nodes, size_cpu_node, smallest_cpu_node
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,9 @@ class ClusterView:
     gpus_now: float
     gpus_reachable: float  # >= gpus_now; equal when nothing says the cluster can grow
     source: str = "running"  # where gpus_reachable came from: "running", "cluster config", or a file path
+    cpu_nodes: int = 1  # alive nodes with CPUs and no GPU: one inference actor each when the job runs on CPUs
+    smallest_cpu_node_cpus: float = 1.0  # sizing for the smallest keeps the actor schedulable on every node
+    cpu_dtype: str | None = None  # "auto" as decided on a CPU node (pipeline.cpu.probe_cpu_node); None: not probed
 
 
 @dataclass(frozen=True)
@@ -66,24 +74,20 @@ class ComputePlan:
     max_actors: int
     actor_resources: dict[str, float] = field(default_factory=dict)  # num_gpus / num_cpus per actor
     torch_threads: int | None = None  # CPU actors only
+    decode_cpus: float = 1.0  # CPUs reserved per decode task
     pad_to_batch: bool = False
     gpus_to_request: int = 0  # GPU bundles to ask the autoscaler for (beyond what runs now), 0 for none
 
 
-def resolve_compute_dtype(requested: str, use_gpu: bool) -> str:
-    """``auto`` is bfloat16 on GPUs (tensor cores) and float32 on CPUs (bf16 has no fast path on most CPUs)."""
-    if requested == "auto":
-        return "bfloat16" if use_gpu else "float32"
-    return canonical_dtype(requested)
-
-
 def dtype_without_cluster(config: JobConfig) -> str | None:
-    """The compute dtype when it does not depend on the cluster, else None (``auto`` dtype on ``auto`` device)."""
-    if config.dtype != "auto":
-        return canonical_dtype(config.dtype)
-    if config.device == "cpu":
-        return resolve_compute_dtype("auto", use_gpu=False)
-    return None
+    """The compute dtype when it does not depend on the cluster (a named one), else None: ``auto`` is bfloat16 on
+    GPUs and, on CPU nodes, what their CPU computes natively, which only a node of the cluster can tell."""
+    return None if config.dtype == "auto" else canonical_dtype(config.dtype)
+
+
+def uses_gpu(config: JobConfig, cluster: ClusterView) -> bool:
+    """GPU actors unless ``--device cpu``, whenever the cluster has or can reach a GPU."""
+    return config.device != "cpu" and max(cluster.gpus_now, cluster.gpus_reachable) > 0
 
 
 def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
@@ -99,8 +103,8 @@ def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
             "--device cuda was asked for, but the Ray cluster has no GPUs and its autoscaler config "
             f"({cluster.source}) has no node type with GPUs; add a GPU node type, or use --device auto or cpu"
         )
-    use_gpu = config.device != "cpu" and reachable > 0
-    dtype = resolve_compute_dtype(config.dtype, use_gpu)
+    use_gpu = uses_gpu(config, cluster)
+    dtype = dtype_without_cluster(config) or ("bfloat16" if use_gpu else cluster.cpu_dtype or "float32")
     batch_size = config.batch_size or (GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE)
     if use_gpu:
         gpus_per_actor = config.gpus_per_actor or 1.0
@@ -111,18 +115,22 @@ def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
         return ComputePlan(
             use_gpu=True, device="cuda", dtype=dtype, batch_size=batch_size,
             min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
-            actor_resources=resources, torch_threads=None,
+            actor_resources=resources, torch_threads=None, decode_cpus=config.decode_cpus or 1.0,
             # Fixed shapes keep cuDNN's tuned kernels and a compiled graph valid for every call.
             pad_to_batch=True,
             gpus_to_request=wanted_gpus if wanted_gpus > cluster.gpus_now else 0,
         )
-    max_actors = config.max_actors or 1
-    cpus = config.cpus_per_actor or 1.0
+    # CPU-only: every core busy, each node split between one actor and decoding by each stage's cost.
+    sizing = size_cpu_node(cluster.smallest_cpu_node_cpus)
+    max_actors = config.max_actors or max(1, cluster.cpu_nodes)
+    cpus = config.cpus_per_actor or sizing.cpus_per_actor
     return ComputePlan(
         use_gpu=False, device="cpu", dtype=dtype, batch_size=batch_size,
         min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
-        actor_resources={"num_cpus": cpus}, torch_threads=max(1, int(cpus)),
-        pad_to_batch=bool(getattr(config, "compile", False)),  # a compiled CPU model also wants one shape
+        actor_resources={"num_cpus": cpus},
+        torch_threads=math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads,
+        decode_cpus=config.decode_cpus or sizing.decode_cpus_per_task,
+        pad_to_batch=config.compile,  # a compiled CPU model also wants one shape
     )
 
 
@@ -193,8 +201,13 @@ def observe_cluster(ray: Any) -> ClusterView:
         from_file = gpus_in_autoscaling_config(path)
         if from_file:
             reachable, source = max(reachable, from_file), path
-    view = ClusterView(gpus_now=gpus_now, gpus_reachable=reachable, source=source)
-    logger.info("cluster GPUs: %g now, %g reachable (%s)", view.gpus_now, view.gpus_reachable, view.source)
+    nodes = ray.nodes()
+    view = ClusterView(
+        gpus_now=gpus_now, gpus_reachable=reachable, source=source,
+        cpu_nodes=count_cpu_nodes(nodes), smallest_cpu_node_cpus=smallest_cpu_node(nodes) or 1.0,
+    )
+    logger.info("cluster GPUs: %g now, %g reachable (%s); %d CPU-only nodes", view.gpus_now, view.gpus_reachable,
+                view.source, view.cpu_nodes)
     return view
 
 

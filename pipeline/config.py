@@ -78,7 +78,7 @@ class JobConfig:
     max_actors: int | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
-    decode_cpus: float = 1.0
+    decode_cpus: float | None = None  # None: 1 per task on GPU clusters, sized from the node on CPU-only ones
     decode_memory_mb: int = 512
     fast_decode: bool = True
     max_image_pixels: int = 89_478_485

@@ -269,12 +269,23 @@ class InferenceActor:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._staging = _StagingBuffers(pinned=self.device.type == "cuda")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._warm_up()
         logger.info("inference actor ready: %s on %s in %s (padding %s, compile %s)", settings.model_uri, self.device,
                     self.dtype, settings.pad_to_batch, settings.compile)
 
     @property
     def top_k(self) -> int | None:
         return self.settings.top_k if self.settings.task == "classify" else None
+
+    def _warm_up(self) -> None:
+        """One forward pass at the model's input size, once per actor: oneDNN / cuDNN pick and build their kernels
+        and the standardised conv weights are cached here, while the first shards decode, instead of inside the
+        first real batch. With fixed batch shapes (padding) it runs at the batch size, so that a compiled graph is
+        built for the shape every later call has."""
+        height, width = self.processor.output_size
+        rows = self.settings.batch_size if self.settings.pad_to_batch and self.settings.batch_size else 1
+        pixels = torch.zeros((rows, height, width, 3), dtype=torch.uint8, device=self.device)
+        predict(self.model, self.normalizer, pixels, top_k=self.top_k)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         failpoint("infer.batch")

@@ -23,6 +23,7 @@ What each failure does
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -34,22 +35,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
-from pipeline import decode, sources
+from pipeline import cpu, decode, sources
 from pipeline.compute import (
     ComputeError,
     ComputePlan,
     decide_compute,
     dtype_without_cluster,
+    uses_gpu,
     observe_cluster,
     request_gpus,
 )
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
-from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments, resolve_dtype
+from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
@@ -202,13 +203,14 @@ def run_job(config: JobConfig) -> JobSummary:
     in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
     from model.configuration import ViTHybridConfig
-    from model.weights import load_checkpoint
+    from model.weights import checkpoint_fingerprint
 
     started = time.monotonic()
     with _storage_step("cannot load model", config.model):
         model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
-        # Reading the weights here (once, on the driver) fails fast on a bad --model and gives the sha256.
-        _, checkpoint = load_checkpoint(config.model, storage_options=config.storage_options)
+        # The weights' identity from their metadata (no full read on the driver: issue 11); fails fast on a missing
+        # or non-safetensors file. The actors read the weights.
+        checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
         processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
     with _storage_step("cannot read input", config.input):
         planned = sources.plan_shards(
@@ -218,12 +220,12 @@ def run_job(config: JobConfig) -> JobSummary:
             images_per_shard=config.images_per_shard,
         )
 
+    compute: ComputePlan | None = None
     compute_dtype = _dtype_without_cluster(config)
-    use_gpu: bool | None = None
-    if compute_dtype is None:  # "auto" on "auto": bfloat16 if the cluster has GPUs, else float32
-        use_gpu = _use_gpu(config, _connect_ray())
-        compute_dtype = _dtype_name(resolve_dtype(config.dtype, torch.device("cuda" if use_gpu else "cpu")))
-    fingerprint = build_fingerprint(config, checkpoint.sha256, processor, compute_dtype)
+    if compute_dtype is None:  # "auto": bfloat16 on GPUs; on CPU nodes what their CPU computes natively
+        compute = _compute_plan(config, _connect_ray())
+        compute_dtype = compute.dtype
+    fingerprint = build_fingerprint(config, checkpoint.digest, processor, compute_dtype)
     with _storage_step("cannot open output", config.output):
         state = OutputState.open(
             config.output,
@@ -250,9 +252,9 @@ def run_job(config: JobConfig) -> JobSummary:
 
     schema = output_schema(config.task, model_config.hidden_size, config.embedding_dtype)
     if pending:
-        if use_gpu is None:
-            use_gpu = _use_gpu(config, _connect_ray())
-        dataset = _build_dataset(config, pending, processor, use_gpu=use_gpu, compute_dtype=compute_dtype)
+        if compute is None:
+            compute = _compute_plan(config, _connect_ray())
+        dataset = _build_dataset(config, pending, processor, compute)
         try:
             _consume_and_commit(config, dataset, summary, state.parquet_metadata, schema)
         except JobAborted:
@@ -278,23 +280,18 @@ def _connect_ray() -> Any:
 
 def _compute_plan(config: JobConfig, ray: Any) -> ComputePlan:
     """Device, dtype and pool for the cluster the job will have (GPUs it can scale to count): pipeline/compute.py."""
+    view = observe_cluster(ray)
+    if config.dtype == "auto" and not uses_gpu(config, view):
+        view = dataclasses.replace(view, cpu_dtype=cpu.probe_cpu_node(ray).dtype)  # decided on a computing node
     try:
-        return decide_compute(config, observe_cluster(ray))
+        return decide_compute(config, view)
     except ComputeError as error:
         raise JobError(str(error)) from None
-
-
-def _use_gpu(config: JobConfig, ray: Any) -> bool:
-    return _compute_plan(config, ray).use_gpu
 
 
 def _dtype_without_cluster(config: JobConfig) -> str | None:
     """The compute dtype when it does not depend on the cluster's GPUs, else None."""
     return dtype_without_cluster(config)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _is_storage_error(error: BaseException) -> bool:
@@ -330,21 +327,18 @@ def _build_dataset(
     config: JobConfig,
     pending: list[sources.Shard],
     processor: ViTHybridImageProcessor,
-    *,
-    use_gpu: bool,
-    compute_dtype: str,
+    compute: ComputePlan,
 ) -> Any:
     import ray
     from ray.data import ActorPoolStrategy
 
-    compute = _compute_plan(config, ray)
     request_gpus(compute)  # the whole pool's GPUs at once, not one autoscaler step per pending actor
     batch_size, max_actors, actor_resources = compute.batch_size, compute.max_actors, compute.actor_resources
     settings = InferenceSettings(
         model_uri=config.model,
         task=config.task,
         top_k=config.top_k,
-        dtype=compute_dtype,
+        dtype=compute.dtype,
         device=compute.device,
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
@@ -364,7 +358,7 @@ def _build_dataset(
         read_and_decode_shards,
         batch_size=1,
         batch_format="numpy",
-        num_cpus=config.decode_cpus,
+        num_cpus=compute.decode_cpus,
         # A memory reservation bounds how many decodes of large photos share a node; it also keeps Ray Data from
         # fusing decode into the inference actors (fused, the actor would decode and infer in turn, serially).
         memory=config.decode_memory_mb * 1024 * 1024,

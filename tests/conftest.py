@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto's server on 127.0.0.1) and small random checkpoints.
+"""Shared pytest fixtures: a real S3 endpoint (moto's server on 127.0.0.1, from :mod:`fixtures.s3`), a bucket per
+test, the reliability reference run and a short Ray temp folder.
 
 The S3 server runs as a separate process so that Ray workers (other processes) reach it over HTTP exactly as
 they would reach real object storage; s3fs and boto3 find it through ``AWS_ENDPOINT_URL``.
@@ -6,44 +7,13 @@ they would reach real object storage; s3fs and boto3 find it through ``AWS_ENDPO
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited early with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within {timeout_s}s")
-
-
-S3_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing-access-key",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
+from fixtures.s3 import S3_TEST_ENV, local_s3_server
 
 
 @pytest.fixture(scope="session")
@@ -53,30 +23,8 @@ def s3_endpoint() -> Iterator[str]:
     The standard AWS variables are set in ``os.environ`` for the session, so s3fs/boto3 in this process and in
     any child process (Ray workers, ``ray job submit``) use the fake endpoint and fake credentials.
     """
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    saved = {name: os.environ.get(name) for name in [*S3_TEST_ENV, "AWS_ENDPOINT_URL"]}
-    try:
-        _wait_until_serving(endpoint + "/moto-api/", process)
-        os.environ.update(S3_TEST_ENV)
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    with local_s3_server(S3_TEST_ENV) as endpoint:
         yield endpoint
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fixtures.checkpoints import write_preprocessor_config
 
 __all__ = [
     "build_reference_model",
@@ -238,27 +239,6 @@ def load_reference_model(folder: str | Path, *, base_model: bool = False, attn_i
     if problems:
         raise AssertionError(f"transformers could not load {folder} cleanly: {problems}")
     return model.eval()
-
-
-def write_preprocessor_config(folder: str | Path, image_size: int) -> Path:
-    """``preprocessor_config.json`` like google/vit-hybrid-base-bit-384's, at ``image_size``."""
-    path = Path(folder) / "preprocessor_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    processor = {
-        "do_resize": True,
-        "size": {"shortest_edge": image_size},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 0.00392156862745098,
-        "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "image_processor_type": "ViTHybridImageProcessor",
-    }
-    path.write_text(json.dumps(processor, indent=2) + "\n")
-    return path
 
 
 def write_reference_checkpoint(

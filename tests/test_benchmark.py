@@ -116,7 +116,8 @@ def test_quick_run_json_matches_returned_figures(quick_results: tuple[dict, dict
 def test_quick_run_model_and_decode_arithmetic(quick_results: tuple[dict, dict]) -> None:
     results, _ = quick_results
     settings, model, decode = results["settings"], results["model"], results["decode"]
-    assert settings["quick"] and model["device"] == "cpu" and model["dtype"] == "float32"
+    # On a CPU the model runs in the dtype auto picks on this machine (float32 unless it has AVX512-BF16 or AMX).
+    assert settings["quick"] and model["device"] == "cpu" and model["dtype"] == results["machine"]["auto_dtype"]
     assert len(model["batch_seconds"]) == model["timed_batches"] == settings["timed_batches"] > 0
     assert model["images_per_s"] == pytest.approx(
         settings["batch_size"] * len(model["batch_seconds"]) / sum(model["batch_seconds"])
@@ -166,7 +167,7 @@ def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, dict]) -> No
     assert e2e["summary_images_per_s"] == pytest.approx(e2e["images_per_s"], abs=1e-3)  # the summary rounds
 
     model_pool = results["model"]["images_per_s"] * settings["actors"]
-    decode_capacity = results["decode"]["mix"]["fast"] * settings["decode_cpus"]
+    decode_capacity = results["decode"]["mix"]["fast"] * e2e["decode_cpus"]
     assert bounds["model_pool_images_per_s"] == pytest.approx(model_pool)
     assert bounds["decode_capacity_images_per_s"] == pytest.approx(decode_capacity)
     assert bounds["bound_images_per_s"] == pytest.approx(min(model_pool, decode_capacity))
@@ -184,3 +185,44 @@ def test_quick_run_table_shows_the_figures(quick_results: tuple[dict, dict], cap
     for heading in ("1. model only", "2. decode + preprocess", "3. end to end", "4. bounds", "pipeline efficiency"):
         assert heading in table
     assert f"{results['bounds']['efficiency']:.3f}" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stages: the registry, prerequisites, and a run of one stage alone.
+
+
+def test_stages_resolve_with_their_prerequisites_in_registry_order() -> None:
+    from benchmarks.stages import STAGES, resolve_stages
+
+    assert resolve_stages(["bounds"]) == ["inputs", "decode", "model", "end_to_end", "bounds"]
+    assert resolve_stages(["fidelity"]) == ["inputs", "fidelity"]
+    assert resolve_stages(["machine"]) == ["machine"]
+    assert resolve_stages(STAGES) == list(STAGES)
+    with pytest.raises(ValueError, match="unknown benchmark stage 'nope'"):
+        resolve_stages(["nope"])
+
+
+def test_stages_flag_parses_and_refuses_unknown_names() -> None:
+    from jobs.benchmark import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--stages", "machine,fidelity"]).stages == ("machine", "fidelity")
+    assert parser.parse_args([]).stages == parser.parse_args(["--stages", "all"]).stages
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--stages", "machine,nope"])
+
+
+def test_machine_stage_alone_reports_this_cpu(capsys: pytest.CaptureFixture) -> None:
+    from jobs.benchmark import main
+    from pipeline import cpu
+
+    results = main(["--stages", "machine", "--device", "cpu", "--quick"])
+    assert results["stages"] == ["machine"]
+    machine = results["machine"]
+    detected = cpu.detect_cpu_capabilities()
+    assert machine["capabilities"]["avx512_bf16"] == detected.avx512_bf16
+    assert machine["auto_dtype"] == cpu.choose_cpu_dtype(detected, machine["measured_bf16_speedup"]).dtype
+    assert machine["sizing"] == cpu.size_cpu_node(cpu.usable_cpus()).to_dict()
+    assert results["settings"]["dtype"] == machine["auto_dtype"]  # the model stage would run in the job's dtype
+    printed = capsys.readouterr().out
+    assert "dtype auto on CPU" in printed and machine["described"] in printed

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline.cpu import size_cpu_node
 from pipeline.compute import (
     AUTOSCALING_CONFIG_VARIABLE,
     ClusterView,
@@ -77,9 +78,25 @@ def test_cpu_only_clusters_and_explicit_choices() -> None:
     assert decide_compute(job(device="cuda"), ClusterView(gpus_now=0, gpus_reachable=1)).use_gpu
 
 
+def test_cpu_only_clusters_use_the_node_decided_dtype_and_every_core() -> None:
+    three_nodes = ClusterView(gpus_now=0, gpus_reachable=0, cpu_nodes=3, smallest_cpu_node_cpus=16,
+                              cpu_dtype="bfloat16")
+    plan = decide_compute(job(), three_nodes)
+    assert plan.dtype == "bfloat16"  # what the CPU node computes natively, probed there
+    assert plan.max_actors == 3  # one actor per CPU node
+    sizing = size_cpu_node(16)
+    assert plan.actor_resources == {"num_cpus": sizing.cpus_per_actor} and plan.torch_threads == sizing.torch_threads
+    assert plan.decode_cpus == sizing.decode_cpus_per_task
+    assert plan.actor_resources["num_cpus"] + sizing.decode_tasks * plan.decode_cpus == pytest.approx(16)
+    assert decide_compute(job(dtype="fp32"), three_nodes).dtype == "float32"  # a named dtype wins
+    assert decide_compute(job(), ClusterView(gpus_now=0, gpus_reachable=0)).dtype == "float32"  # not probed
+    assert decide_compute(job(decode_cpus=2.0), three_nodes).decode_cpus == 2.0
+    assert decide_compute(job(), ClusterView(gpus_now=1, gpus_reachable=1, cpu_dtype="float32")).decode_cpus == 1.0
+
+
 def test_dtype_without_cluster() -> None:
     assert dtype_without_cluster(job()) is None  # auto on auto: depends on the GPUs
-    assert dtype_without_cluster(job(device="cpu")) == "float32"
+    assert dtype_without_cluster(job(device="cpu")) is None  # auto on CPU nodes: depends on their CPU
     assert dtype_without_cluster(job(dtype="bf16")) == "bfloat16"
 
 
@@ -114,10 +131,14 @@ def test_observe_cluster_prefers_rays_cluster_config_then_the_file(
 ) -> None:
     from ray._private import state as ray_state
 
-    fake_ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 4.0, "GPU": 1.0})
+    fake_ray = SimpleNamespace(
+        cluster_resources=lambda: {"CPU": 4.0, "GPU": 1.0},
+        nodes=lambda: [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 8.0}}],
+    )
     monkeypatch.setattr(ray_state.state, "get_max_resources_from_cluster_config", lambda: {"GPU": 6, "CPU": 100})
     view = observe_cluster(fake_ray)
     assert (view.gpus_now, view.gpus_reachable, view.source) == (1.0, 6.0, "cluster config")
+    assert (view.cpu_nodes, view.smallest_cpu_node_cpus) == (1, 8.0)  # the GPU node is not a CPU node
 
     monkeypatch.setattr(ray_state.state, "get_max_resources_from_cluster_config", lambda: None)
     config = tmp_path / "autoscaler.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import fsspec
@@ -15,10 +16,12 @@ from model.modeling import ViTHybridForImageClassification
 from model.weights import (
     CheckpointError,
     check_state_dict,
+    checkpoint_fingerprint,
     detect_layout,
     find_weights_file,
     load_checkpoint,
     timm_to_hf,
+    write_sha256_sidecar,
 )
 from tests.reference import (
     build_reference_model,
@@ -190,3 +193,87 @@ def test_timm_folder_with_config_json(tmp_path: Path, config_dict: dict) -> None
         ours = model(pixel_values).logits
         theirs = reference(pixel_values).logits
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpoint's identity without reading its weights (issue 11: no full read on the driver).
+
+
+def _same_shapes_other_values(folder: Path) -> None:
+    """Rewrite model.safetensors with every tensor changed but every name, dtype and shape kept (same header)."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({name: tensor + 1 for name, tensor in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _copy_checkpoint(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_fingerprint_reads_only_the_header_and_detects_a_rewritten_file(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model import weights
+
+    folder = _copy_checkpoint(checkpoint, tmp_path / "ckpt")
+    size = (folder / "model.safetensors").stat().st_size
+    reads: list[tuple[int | None, int | None]] = []
+    original = weights._read_range
+
+    def counting(uri: str, start: int, end: int, storage_options: object) -> bytes:
+        reads.append((start, end))
+        return original(uri, start, end, storage_options)
+
+    monkeypatch.setattr(weights, "_read_range", counting)
+    first = checkpoint_fingerprint(folder)
+    assert (first.basis, first.layout, first.format) == ("header+size+version", "hf", "safetensors")
+    assert first.weights_file.endswith("model.safetensors") and first.config_uri.endswith("config.json")
+    assert sum(end - start for start, end in reads) < size / 10  # the header, not the weights
+    assert checkpoint_fingerprint(folder).digest == first.digest  # stable while nothing changes
+
+    time.sleep(0.05)  # a new modification time even on coarse-grained clocks
+    _same_shapes_other_values(folder)
+    assert (folder / "model.safetensors").stat().st_size == size
+    assert checkpoint_fingerprint(folder).digest != first.digest
+
+
+def test_fingerprint_with_a_sidecar_is_the_weights_sha256_and_survives_a_copy(checkpoint: Path, tmp_path: Path) -> None:
+    folder = _copy_checkpoint(checkpoint, tmp_path / "ckpt")
+    digest = write_sha256_sidecar(str(folder / "model.safetensors"))
+    assert digest == _sha256(folder / "model.safetensors")
+    assert (folder / "model.safetensors.sha256").read_text().split() == [digest, "model.safetensors"]
+    with_sidecar = checkpoint_fingerprint(folder)
+    assert with_sidecar.basis == "sidecar"
+    time.sleep(0.05)
+    copy = _copy_checkpoint(folder, tmp_path / "copy")  # new mtimes, same bytes
+    assert checkpoint_fingerprint(copy).digest == with_sidecar.digest
+    _same_shapes_other_values(copy)
+    write_sha256_sidecar(str(copy / "model.safetensors"))
+    assert checkpoint_fingerprint(copy).digest != with_sidecar.digest
+    (copy / "model.safetensors.sha256").write_text("not a digest\n")
+    with pytest.raises(CheckpointError, match="sha256sum"):
+        checkpoint_fingerprint(copy)
+
+
+def test_fingerprint_refuses_what_is_not_safetensors(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        checkpoint_fingerprint(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        checkpoint_fingerprint(tmp_path / "nowhere")
+
+
+def test_fingerprint_on_s3_detects_a_replaced_object(s3_bucket: str, checkpoint: Path, tmp_path: Path) -> None:
+    s3 = fsspec.filesystem("s3")
+    uri = f"s3://{s3_bucket}/models/ckpt"
+    s3.put(str(checkpoint), f"{s3_bucket}/models/ckpt", recursive=True)
+    first = checkpoint_fingerprint(uri)
+    assert (first.basis, first.layout) == ("header+size+version", "hf")
+    assert checkpoint_fingerprint(uri).digest == first.digest
+    changed = _copy_checkpoint(checkpoint, tmp_path / "changed")
+    _same_shapes_other_values(changed)
+    s3.put(str(changed / "model.safetensors"), f"{s3_bucket}/models/ckpt/model.safetensors")
+    assert checkpoint_fingerprint(uri).digest != first.digest  # same header and size, new ETag

@@ -1,0 +1,162 @@
+"""Benchmark stage ``end_to_end``: the classify job itself (``pipeline.plan.run_job``) on a fresh local Ray, reading
+WebDataset shards of the JPEG mix from the run's storage and writing Parquet back; with ``--two-point``, first a job
+of half the images, so that the fixed start-up and the steady-state rate can be told apart.
+
+On a CPU the job runs with its default flags (``--dtype auto``, no ``--cpus-per-actor`` / ``--decode-cpus``), i.e.
+sized by :mod:`pipeline.cpu`, unless the benchmark's command line names them. The job's own time (its summary) is
+what counts: starting Ray itself and writing the inputs are outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks import measures as benchmarking
+from benchmarks.load import CpuLoadMonitor
+from benchmarks.measures import EncodedImage
+from benchmarks.stages import BenchmarkContext, BenchmarkSettings
+
+logger = logging.getLogger(__name__)
+
+NEEDS: tuple[str, ...] = ("inputs",)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TOP_K = 5
+
+def write_mixed_shards(
+    base: str, pools: dict[str, list[EncodedImage]], *, images: int, phone_every: int, images_per_shard: int
+) -> dict[str, Any]:
+    """WebDataset tar shards (``<key>.jpg`` + ``<key>.json``) of the mix under ``base``; returns what was written.
+
+    The same few encoded files are reused across the stream (encoding thousands of 12 MP JPEGs would take longer
+    than the job); every sample is still read, decoded and classified on its own.
+    """
+    from model.storage import join_uri, write_bytes
+
+    kinds = benchmarking.mix_kinds(images, phone_every)
+    used = {kind: 0 for kind in pools}
+    total_bytes = 0
+    shards = 0
+    for first in range(0, images, images_per_shard):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for index in range(first, min(first + images_per_shard, images)):
+                pool = pools[kinds[index]]
+                image = pool[used[kinds[index]] % len(pool)]
+                used[kinds[index]] += 1
+                key = f"{index:08d}"
+                meta = json.dumps({"kind": image.kind, "photo": image.photo}).encode()
+                for name, payload in ((f"{key}.jpg", image.data), (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                total_bytes += len(image.data)
+        write_bytes(join_uri(base, f"part-{shards:05d}.tar"), buffer.getvalue())
+        shards += 1
+    return {"shards": shards, "input_bytes": total_bytes, "per_kind": used, "fractions": benchmarking.mix_fractions(kinds)}
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: float) -> Iterator[None]:
+    """A new Ray started in-process with ``num_cpus`` CPUs; its workers import this checkout.
+
+    ``address="local"``: never join a cluster that happens to run on the machine (``ray start``, or another job's
+    session recorded in ``/tmp/ray``): its CPUs, other work and code version would all be someone else's.
+    """
+    import ray
+
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), saved]))
+    try:
+        ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+        )
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines would split the table
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+def run_end_to_end(settings: BenchmarkSettings, model_uri: str, input_uri: str, output_uri: str) -> dict[str, Any]:
+    """Run the classify job once on a fresh local Ray and return its summary's figures."""
+    from pipeline.config import JobConfig
+    from pipeline.plan import run_job
+
+    gpu = settings.device == "cuda"
+    config = JobConfig(
+        task="classify",
+        input=input_uri,
+        output=output_uri,
+        model=model_uri,
+        format="webdataset",
+        batch_size=settings.batch_size,
+        top_k=TOP_K,
+        dtype=settings.dtype_requested,
+        device=settings.device,
+        min_actors=settings.actors if gpu else 1,
+        max_actors=settings.actors if gpu else None,
+        cpus_per_actor=settings.cpus_per_actor,
+        gpus_per_actor=1 if gpu else None,
+        # On a GPU one core per decode task: --decode-cpus tasks at once. On a CPU the job's own sizing, unless given.
+        decode_cpus=min(1.0, settings.decode_cpus) if gpu and settings.decode_cpus else settings.decode_cpus,
+        overwrite=True,
+    )
+    with local_ray(settings.ray_cpus):
+        started = time.perf_counter()
+        with CpuLoadMonitor() as load:
+            summary = run_job(config)
+        wall = time.perf_counter() - started
+    figures = summary.to_dict()
+    figures["load"] = load.to_dict()
+    figures["summary_images_per_s"] = figures["images_per_s"]  # rounded to 3 decimals by the summary
+    figures["images_per_s"] = summary.samples / summary.seconds if summary.seconds > 0 else 0.0
+    figures["wall_s"] = wall
+    figures["ray_cpus"] = settings.ray_cpus
+    return figures
+
+
+def run(context: BenchmarkContext) -> dict[str, Any]:
+    settings, shared = context.settings, context.shared
+    base, model_uri, image_sets = shared["storage_base"], shared["model_uri"], shared["image_sets"]
+    phone_kind = shared["kinds"][1]
+    if settings.two_point:
+        small = max(1, settings.images // 2)
+        write_mixed_shards(f"{base}/shards-small", image_sets, images=small, phone_every=settings.phone_every,
+                           images_per_shard=settings.images_per_shard)
+        logger.info("running the classify job on %d images (two-point: the smaller job)", small)
+        shared["small_job"] = run_end_to_end(settings, model_uri, f"{base}/shards-small", f"{base}/predictions-small")
+    logger.info("writing %d images as WebDataset shards to %s", settings.images, base)
+    written = write_mixed_shards(f"{base}/shards", image_sets, images=settings.images,
+                                 phone_every=settings.phone_every, images_per_shard=settings.images_per_shard)
+    shared["written"] = written
+    logger.info("running the classify job on %d images", settings.images)
+    job = run_end_to_end(settings, model_uri, f"{base}/shards", f"{base}/predictions")
+    sizing = context.results.get("machine", {}).get("sizing") if settings.device == "cpu" else None
+    return {
+        **job,
+        "storage": "S3 (moto)" if settings.storage == "s3" else "local files",
+        "images": settings.images,
+        "phone_images": written["per_kind"].get(phone_kind.name, 0),
+        "shards": written["shards"],
+        "images_per_shard": settings.images_per_shard,
+        "input_mb": written["input_bytes"] / 1e6,
+        "input_mb_per_s": written["input_bytes"] / 1e6 / job["seconds"] if job["seconds"] else None,
+        "cpus_per_actor": settings.cpus_per_actor or (sizing["cpus_per_actor"] if sizing else 1.0),
+        "decode_cpus": settings.decode_cpus or (sizing["decode_cpus_per_task"] * sizing["decode_tasks"] if sizing else 1.0),
+        "flags": "defaults (sized by pipeline.cpu)" if settings.device == "cpu" and settings.cpus_per_actor is None
+        else "as given",
+    }

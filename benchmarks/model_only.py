@@ -1,0 +1,201 @@
+"""Benchmark stage ``model``: the job's inference actor alone, in this process, from the same checkpoint URI the job
+uses -- its construction time (the actor start-up: model load and warm-up), images/s of
+:func:`pipeline.infer.predict` on a uint8 batch already on the device after warm-up batches, FLOPs per image, and
+whether the fast decode path changes what the model says (against a +-1-noise control).
+
+Threads and dtype are the job's: on a CPU, the torch threads :func:`pipeline.cpu.size_cpu_node` gives the actor and
+the dtype ``auto`` resolves to on this node, so that "end to end / model only" compares like with like.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.decode import decode_pixels
+from benchmarks.load import CpuLoadMonitor
+from benchmarks.measures import EncodedImage
+from benchmarks.stages import BenchmarkContext
+
+NEEDS: tuple[str, ...] = ("inputs",)
+TOP_K = 5
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+def time_predict(actor: Any, pixels: torch.Tensor, *, warmup: int, iterations: int) -> list[float]:
+    """Seconds per :func:`pipeline.infer.predict` call on a batch already on the actor's device, after warm-up.
+
+    On a GPU the time is CUDA events' (``predict`` ends in a device-to-host copy, so every call is complete).
+    """
+    from pipeline.infer import predict
+
+    device = actor.device
+    for _ in range(warmup):
+        predict(actor.model, actor.normalizer, pixels, top_k=TOP_K)
+    synchronize(device)
+    seconds = []
+    for _ in range(iterations):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            predict(actor.model, actor.normalizer, pixels, top_k=TOP_K)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1000.0)
+        else:
+            started = time.perf_counter()
+            predict(actor.model, actor.normalizer, pixels, top_k=TOP_K)
+            seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def count_flops_per_image(actor: Any, pixels: torch.Tensor) -> float:
+    """FLOPs of one image through predict (convolutions, matrix products, attention; a multiply-add is 2)."""
+    from benchmarks.flops import measured_flops  # counts attention on a CPU too (math backend)
+    from pipeline.infer import predict
+
+    return measured_flops(
+        lambda: predict(actor.model, actor.normalizer, pixels[:1], top_k=TOP_K), images=1, device_type=pixels.device.type
+    )
+
+
+def _batch_of(crops: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    return np.stack([crops[index % len(crops)] for index in range(batch_size)])
+
+
+def fast_exact_agreement(actor: Any, processor: Any, images: Sequence[EncodedImage], batch_size: int) -> dict[str, Any]:
+    """Top-1 class on the fast and on the exact preprocessing of each image, per kind.
+
+    An image whose two preprocessings are identical pixel for pixel agrees by construction and is not run.
+
+    A control runs beside: the exact crop with +-1 of random noise on every pixel, a change nobody would call a
+    different image. A random network is chaotic (tiny input changes move its output about as much as a different
+    photo does), and the control shows how much: the fast path is only judged relative to it. With trained weights
+    (``--model``) the control should agree ~100% and so should the fast path.
+    """
+    from pipeline.infer import predict
+
+    per_kind: dict[str, dict[str, int]] = {}
+    differing: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    rng = np.random.default_rng(0)
+    for image in images:
+        counts = per_kind.setdefault(image.kind, {"images": 0, "agree": 0, "identical_pixels": 0})
+        counts["images"] += 1
+        fast = decode_pixels(image.data, processor, fast=True)
+        exact = decode_pixels(image.data, processor, fast=False)
+        if np.array_equal(fast, exact):
+            counts["agree"] += 1
+            counts["identical_pixels"] += 1
+        else:
+            noise = rng.integers(-1, 2, size=exact.shape)
+            control = np.clip(exact.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+            differing.append((image.kind, fast, exact, control))
+    classes: set[int] = set()
+    shifts: list[float] = []
+    control_shifts: list[float] = []
+    control_agree = 0
+    exact_embeddings: list[np.ndarray] = []
+    threads = torch.get_num_threads()
+    if actor.device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # not a timing: use every core
+    try:
+        for start in range(0, len(differing), batch_size):
+            chunk = differing[start : start + batch_size]
+            tops, embeddings = [], []
+            for column in (1, 2, 3):
+                pixels = torch.from_numpy(np.stack([row[column] for row in chunk])).to(actor.device)
+                result = predict(actor.model, actor.normalizer, pixels, top_k=1)
+                tops.append(result.topk_ids[:, 0])
+                embeddings.append(result.embeddings)
+            for (kind, _, _, _), top_fast, top_exact, top_control in zip(chunk, *tops):
+                per_kind[kind]["agree"] += int(top_fast == top_exact)
+                control_agree += int(top_control == top_exact)
+                classes.add(int(top_exact))
+            shifts.extend(np.linalg.norm(embeddings[0] - embeddings[1], axis=1).tolist())
+            control_shifts.extend(np.linalg.norm(embeddings[2] - embeddings[1], axis=1).tolist())
+            exact_embeddings.extend(embeddings[1])
+    finally:
+        torch.set_num_threads(threads)
+    # How far the fast path moves an image's embedding, next to how far apart different photos' embeddings are.
+    between = [
+        float(np.linalg.norm(exact_embeddings[i] - exact_embeddings[j]))
+        for i in range(len(exact_embeddings)) for j in range(i + 1, len(exact_embeddings))
+    ]
+    typical = statistics.median(between) if between else None
+    return {
+        "per_kind": per_kind,
+        "embedding_shift_over_between_photos": statistics.median(shifts) / typical if typical else None,
+        "control_images": len(differing),
+        "control_agree": control_agree,
+        "control_shift_over_between_photos": statistics.median(control_shifts) / typical if typical else None,
+        "images": sum(counts["images"] for counts in per_kind.values()),
+        "agree": sum(counts["agree"] for counts in per_kind.values()),
+        "identical_pixels": sum(counts["identical_pixels"] for counts in per_kind.values()),
+        "distinct_classes": len(classes),
+    }
+
+
+
+def run(context: BenchmarkContext) -> dict[str, Any]:
+    from pipeline.infer import InferenceActor, InferenceSettings
+
+    settings, shared = context.settings, context.shared
+    actor_settings = InferenceSettings(
+        model_uri=shared["model_uri"],
+        task="classify",
+        top_k=TOP_K,
+        dtype=settings.dtype,
+        device=settings.device,
+        torch_threads=None if settings.device == "cuda" else settings.torch_threads,
+    )
+    threads_before = torch.get_num_threads()
+    started = time.perf_counter()
+    actor = InferenceActor(actor_settings)
+    synchronize(actor.device)
+    actor_startup_s = time.perf_counter() - started
+    processor, image_sets = shared["processor"], shared["image_sets"]
+    crops = [decode_pixels(image.data, processor, fast=True) for images in image_sets.values() for image in images]
+    pixels = torch.from_numpy(_batch_of(crops, settings.batch_size)).to(actor.device)
+    cpu_started = time.process_time()
+    with CpuLoadMonitor() as model_load:
+        seconds = time_predict(actor, pixels, warmup=settings.warmup_batches, iterations=settings.timed_batches)
+    # On a CPU, this process's CPU time over wall time: ~threads when it had its cores to itself.
+    cpu_over_wall = (time.process_time() - cpu_started) / model_load.wall_s if model_load.wall_s else None
+    torch_threads = torch.get_num_threads()
+    flops = count_flops_per_image(actor, pixels)
+    photos = shared["photos"]
+    agreement_images = [image for images in image_sets.values() for image in images[: len(photos)]]
+    context.shared["agreement"] = fast_exact_agreement(
+        actor, processor, agreement_images, batch_size=min(settings.batch_size, 8)
+    )
+    del actor, pixels
+    gc.collect()
+    if settings.device == "cuda":
+        torch.cuda.empty_cache()
+    torch.set_num_threads(threads_before)
+    return {
+        "config": context.results["inputs"]["config"],
+        "image_size": context.results["inputs"]["image_size"],
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "torch_threads": torch_threads,
+        "warmup_batches": settings.warmup_batches,
+        "timed_batches": len(seconds),
+        "batch_seconds": seconds,
+        "images_per_s": settings.batch_size * len(seconds) / sum(seconds),
+        "flops_per_image": flops,
+        "actor_startup_s": actor_startup_s,
+        "cpu_over_wall": cpu_over_wall if settings.device == "cpu" else None,
+        "load": model_load.to_dict(),
+        "checkpoint_location": settings.storage,
+    }

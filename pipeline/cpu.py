@@ -1,0 +1,388 @@
+"""What a CPU node can do, and the two decisions that follow from it: the compute dtype and how its cores are shared.
+
+Why this module exists: CPUs differ more than GPUs do for this model. Where the CPU computes bf16 natively
+(AVX512-BF16 or AMX), bf16 matrix products run ~2.5x faster than fp32; where it does not (AVX2-only parts, and
+AVX-512 parts without the BF16 extension), oneDNN emulates bf16 and it runs up to ~5x *slower*. So ``--dtype auto``
+cannot be decided from "is there a GPU" alone, nor on the driver (which may be a different machine): it is decided
+from the capabilities of a node that computes (:func:`probe_cpu_node` runs :func:`decide_on_this_node` there as a
+small Ray task) and then frozen in the job's fingerprint, so a resume on other hardware is refused instead of mixing
+bf16 and fp32 rows (see :mod:`pipeline.manifest`).
+
+The second decision is how a CPU-only node's cores are split between the inference actor and the decode tasks
+(:func:`size_cpu_node`): from the measured cost of each stage, not one thread per actor.
+
+Everything here except :func:`probe_cpu_node` and :func:`measure_bf16_speedup` is pure and tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# /proc/cpuinfo flag names (Linux) of the extensions that compute bf16 natively.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class CpuCapabilities:
+    """The facts about one node's CPU that decide dtype and threads; recorded in logs and the benchmark's output.
+
+    ``source`` says where the flags came from: ``torch`` (``torch.cpu.get_capabilities()``, the cpuinfo library torch
+    itself dispatches with) or ``/proc/cpuinfo`` on torch builds without that call.
+    """
+
+    name: str
+    logical_cpus: int  # CPUs this process may run on (affinity), not the whole machine's
+    physical_cores: int | None
+    isa: str  # torch's kernel dispatch level: "AVX512", "AVX2", "DEFAULT", ...
+    avx2: bool
+    avx512: bool
+    avx512_bf16: bool
+    amx_bf16: bool
+    source: str
+
+    @property
+    def native_bf16(self) -> bool:
+        """True where bf16 matrix products run in hardware (AVX512-BF16 dot products or AMX tiles)."""
+        return self.avx512_bf16 or self.amx_bf16
+
+    def describe(self) -> str:
+        """One line for logs and the benchmark table."""
+        flags = [name for name in ("avx2", "avx512", "avx512_bf16", "amx_bf16") if getattr(self, name)]
+        return (
+            f"{self.name}, {self.logical_cpus} CPUs ({self.physical_cores or '?'} cores), torch ISA {self.isa}, "
+            f"flags: {' '.join(flags) or 'none of avx2/avx512/avx512_bf16/amx_bf16'} (from {self.source})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "native_bf16": self.native_bf16}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CpuCapabilities:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """``(model name, flags)`` of the first processor in a ``/proc/cpuinfo`` text."""
+    name, flags = "unknown CPU", set[str]()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name == "unknown CPU":
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return name, flags
+
+
+def capabilities_from_flags(
+    flags: Iterable[str], *, name: str, logical_cpus: int, physical_cores: int | None, isa: str, source: str
+) -> CpuCapabilities:
+    """Capabilities from a set of flag names, in either spelling (cpuinfo ``avx512bw`` or torch ``avx512_bw``)."""
+    normalised = {flag.lower().replace("_", "") for flag in flags}
+    return CpuCapabilities(
+        name=name,
+        logical_cpus=logical_cpus,
+        physical_cores=physical_cores,
+        isa=isa,
+        avx2="avx2" in normalised,
+        avx512="avx512f" in normalised,
+        avx512_bf16="avx512bf16" in normalised,
+        amx_bf16="amxbf16" in normalised,
+        source=source,
+    )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (a container's or Ray's limit), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def capabilities_from_proc_cpuinfo(path: str = "/proc/cpuinfo") -> CpuCapabilities | None:
+    """This node's capabilities from the kernel's ``/proc/cpuinfo`` without importing torch; None where unreadable.
+
+    Why besides :func:`detect_cpu_capabilities`: the probe runs on the job's critical path, and importing torch in a
+    fresh worker costs seconds; the flags the kernel lists are the same cpuid bits torch reads.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            name, flags = parse_cpuinfo(handle.read())
+    except OSError:
+        return None
+    if not flags:
+        return None
+    isa = "AVX512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "AVX2" if "avx2" in flags else "DEFAULT"
+    return capabilities_from_flags(
+        flags, name=name, logical_cpus=usable_cpus(), physical_cores=None, isa=f"{isa} (from flags)",
+        source="/proc/cpuinfo",
+    )
+
+
+def detect_cpu_capabilities() -> CpuCapabilities:
+    """This node's capabilities, from what torch reports (falling back to ``/proc/cpuinfo``).
+
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is not used: it answers True on any AVX-512 part, including
+    those that only emulate bf16 (this project's AVX-512-without-BF16 machines), which is the mistake to avoid.
+    """
+    import torch
+
+    isa = str(torch.backends.cpu.get_cpu_capability())
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        reported = get_capabilities()
+        flags = [key for key, value in reported.items() if value is True]
+        return capabilities_from_flags(
+            flags,
+            name=str(reported.get("cpu_name") or "unknown CPU"),
+            logical_cpus=usable_cpus(),
+            physical_cores=reported.get("num_physical_cores"),
+            isa=isa,
+            source="torch",
+        )
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name, flags_set = parse_cpuinfo(handle.read())
+    except OSError:
+        name, flags_set = "unknown CPU", set()
+    return capabilities_from_flags(
+        flags_set, name=name, logical_cpus=usable_cpus(), physical_cores=None, isa=isa, source="/proc/cpuinfo"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dtype
+# --------------------------------------------------------------------------------------------------------------------
+
+# Below this measured bf16/fp32 speed ratio a CPU that claims native bf16 is treated as not having it (a hypervisor
+# that passes the flag through but traps the instructions, say): bf16 then costs fidelity and gains nothing.
+MIN_CONFIRMED_BF16_SPEEDUP = 1.2
+
+
+@dataclass(frozen=True)
+class CpuDtypeDecision:
+    """The compute dtype ``auto`` resolves to on a CPU node, and why."""
+
+    dtype: str  # "bfloat16" or "float32"
+    reason: str
+    capabilities: CpuCapabilities
+    measured_bf16_speedup: float | None = None  # bf16 / fp32 matmul throughput, when measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "reason": self.reason,
+            "capabilities": self.capabilities.to_dict(),
+            "measured_bf16_speedup": self.measured_bf16_speedup,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CpuDtypeDecision:
+        return cls(
+            dtype=data["dtype"],
+            reason=data["reason"],
+            capabilities=CpuCapabilities.from_dict(data["capabilities"]),
+            measured_bf16_speedup=data.get("measured_bf16_speedup"),
+        )
+
+
+def choose_cpu_dtype(capabilities: CpuCapabilities, measured_bf16_speedup: float | None = None) -> CpuDtypeDecision:
+    """bf16 where the CPU computes it natively (and a measurement, when given, confirms it pays); fp32 elsewhere."""
+    if not capabilities.native_bf16:
+        return CpuDtypeDecision(
+            "float32", "no AVX512-BF16 or AMX: bf16 would be emulated, slower than fp32", capabilities,
+            measured_bf16_speedup,
+        )
+    native = "AMX" if capabilities.amx_bf16 else "AVX512-BF16"
+    if measured_bf16_speedup is not None and measured_bf16_speedup < MIN_CONFIRMED_BF16_SPEEDUP:
+        return CpuDtypeDecision(
+            "float32",
+            f"{native} reported, but bf16 measured only {measured_bf16_speedup:.2f}x fp32 "
+            f"(< {MIN_CONFIRMED_BF16_SPEEDUP}x): not worth its rounding",
+            capabilities,
+            measured_bf16_speedup,
+        )
+    confirmed = f", measured {measured_bf16_speedup:.2f}x fp32" if measured_bf16_speedup is not None else ""
+    return CpuDtypeDecision("bfloat16", f"{native}: native bf16{confirmed}", capabilities, measured_bf16_speedup)
+
+
+def measure_bf16_speedup(size: int = 512, min_seconds: float = 0.15) -> float:
+    """bf16 over fp32 throughput of a ``size`` x ``size`` matrix product on this node's threads (~0.5 s).
+
+    The confirmation for CPUs that claim native bf16: the model's time is ~all matrix products and convolutions
+    through oneDNN, and a square matmul is the quickest probe of the same kernels.
+    """
+    import torch
+
+    def rate(dtype: torch.dtype) -> float:
+        generator = torch.Generator().manual_seed(0)
+        left = torch.randn(size, size, generator=generator).to(dtype)
+        right = torch.randn(size, size, generator=generator).to(dtype)
+        torch.mm(left, right)  # first call creates the kernel
+        count, started = 0, time.perf_counter()
+        while True:
+            torch.mm(left, right)
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                return count / elapsed
+
+    return rate(torch.bfloat16) / rate(torch.float32)
+
+
+def decide_on_this_node(confirm: bool = True) -> dict[str, Any]:
+    """Detect this node's capabilities and choose its CPU dtype; a measurement confirms a claimed native bf16.
+
+    Returns :meth:`CpuDtypeDecision.to_dict` (plain data, so that it crosses a Ray task boundary as it is).
+    """
+    # The kernel's flags first (no torch import: fast); where they claim native bf16, or cannot be read, what torch
+    # reports decides, confirmed by a measurement.
+    capabilities = capabilities_from_proc_cpuinfo()
+    if capabilities is None or capabilities.native_bf16:
+        capabilities = detect_cpu_capabilities()
+    measured = measure_bf16_speedup() if confirm and capabilities.native_bf16 else None
+    return choose_cpu_dtype(capabilities, measured).to_dict()
+
+
+def probe_cpu_node(ray: Any, timeout_s: float = 300.0) -> CpuDtypeDecision:
+    """Run :func:`decide_on_this_node` as a one-CPU Ray task, i.e. on a node that computes, not on the driver.
+
+    On a CPU-only cluster every node with CPUs may host an inference actor; the probe lands on one of them (the
+    head's zero-CPU configuration keeps it off the head). Nodes of one cluster normally share an instance type;
+    the decision is frozen in the fingerprint either way, so actors on a node of another kind compute in the same
+    dtype rather than mixing two in one output.
+    """
+    task = ray.remote(num_cpus=1, max_retries=2)(decide_on_this_node)
+    decision = CpuDtypeDecision.from_dict(ray.get(task.remote(), timeout=timeout_s))
+    logger.info(
+        "CPU node: %s -> dtype auto = %s (%s)", decision.capabilities.describe(), decision.dtype, decision.reason
+    )
+    return decision
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sharing a CPU-only node's cores
+# --------------------------------------------------------------------------------------------------------------------
+
+# Measured by ``python -m jobs.benchmark`` (full-size model at 384 px, fp32, one thread; fast decode path on the
+# default mix of ImageNet-size JPEGs with one 12-megapixel phone photo in ten): the model costs ~1.9 core-seconds per
+# image and decoding ~0.007, a ratio of ~280. What matters below is the ratio, which is about the model's FLOPs
+# (115 GFLOPs per image) against a JPEG decode; it moves little between CPUs.
+MODEL_CORE_SECONDS_PER_IMAGE = 1.9
+DECODE_CORE_SECONDS_PER_IMAGE = 1 / 150
+# Decoding gets this multiple of the share its cost asks for, so that it never becomes the bound when images are
+# larger than the benchmark's mix; and at least this much of a CPU, so that a decode task is always schedulable.
+DECODE_HEADROOM = 4.0
+MIN_DECODE_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class CpuNodePlan:
+    """How one CPU-only node's cores are shared: one inference actor using (nearly) all of them, decode tasks in
+    the rest. ``cpus_per_actor`` and ``decode_cpus_per_task`` are Ray reservations; ``torch_threads`` is what the
+    actor's intra-op pool runs."""
+
+    node_cpus: float
+    actors: int
+    cpus_per_actor: float
+    torch_threads: int
+    decode_cpus_per_task: float
+    decode_tasks: int
+    model_share: float  # fraction of the node's core-seconds the model needs per image (the rest: decoding)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_cpu_node(
+    node_cpus: float,
+    *,
+    physical_cores: int | None = None,
+    model_core_s: float = MODEL_CORE_SECONDS_PER_IMAGE,
+    decode_core_s: float = DECODE_CORE_SECONDS_PER_IMAGE,
+) -> CpuNodePlan:
+    """Split ``node_cpus`` between one inference actor and the decode tasks, from each stage's cost per image.
+
+    The rule: per image the model needs ``model_core_s`` core-seconds and decoding ``decode_core_s``; both run at
+    the same images/s, so decoding needs the fraction ``d / (m + d)`` of the node (0.35 % with the default costs).
+    Decoding is reserved ``DECODE_HEADROOM`` times that (at least ``MIN_DECODE_CPUS``, at most all but one CPU), in
+    tasks of at most one CPU each; the inference actor reserves the rest and runs one torch thread per reserved CPU,
+    rounded up (a decode task then borrows a sliver of an intra-op thread's core, as the cost ratio says it can), and
+    never more threads than physical cores (SMT siblings share the FMA units a matrix product saturates). One actor
+    per node: a second copy of the weights would split the same cores, not add to them.
+    """
+    if node_cpus < 1:
+        raise ValueError(f"a CPU node needs at least 1 CPU to host an inference actor, got {node_cpus}")
+    if model_core_s <= 0 or decode_core_s <= 0:
+        raise ValueError(f"stage costs must be positive, got model {model_core_s}, decode {decode_core_s}")
+    model_share = model_core_s / (model_core_s + decode_core_s)
+    decode_needed = node_cpus * (1 - model_share) * DECODE_HEADROOM
+    decode_total = min(max(decode_needed, MIN_DECODE_CPUS), max(node_cpus - 1, MIN_DECODE_CPUS))
+    decode_total = round(decode_total, 2)
+    decode_tasks = max(1, math.ceil(decode_total))
+    decode_per_task = round(decode_total / decode_tasks, 2)
+    cpus_per_actor = round(node_cpus - decode_per_task * decode_tasks, 2)
+    if cpus_per_actor <= 0:  # a 1-CPU node: the actor shares the one CPU (decode needs a quarter of it at most)
+        cpus_per_actor = round(node_cpus - decode_per_task, 2)
+    threads = max(1, math.ceil(cpus_per_actor - 1e-9))
+    if physical_cores:
+        threads = min(threads, physical_cores)
+    return CpuNodePlan(
+        node_cpus=node_cpus,
+        actors=1,
+        cpus_per_actor=cpus_per_actor,
+        torch_threads=threads,
+        decode_cpus_per_task=decode_per_task,
+        decode_tasks=decode_tasks,
+        model_share=model_share,
+    )
+
+
+def smallest_cpu_node(nodes: Iterable[Mapping[str, Any]]) -> float | None:
+    """CPUs of the smallest alive node that has CPUs and no GPU, from ``ray.nodes()``; None if there is none.
+
+    Sizing for the smallest keeps the actor schedulable on every node; nodes of one type are equal anyway.
+    """
+    sizes = [
+        float(node["Resources"].get("CPU", 0))
+        for node in nodes
+        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
+        and not node.get("Resources", {}).get("GPU", 0)
+    ]
+    return min(sizes) if sizes else None
+
+
+def count_cpu_nodes(nodes: Iterable[Mapping[str, Any]]) -> int:
+    """Alive nodes with at least one CPU and no GPU: one inference actor each on a CPU-only cluster."""
+    return sum(
+        1
+        for node in nodes
+        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
+        and not node.get("Resources", {}).get("GPU", 0)
+    )
+
+
+__all__ = [
+    "CpuCapabilities",
+    "CpuDtypeDecision",
+    "CpuNodePlan",
+    "capabilities_from_flags",
+    "capabilities_from_proc_cpuinfo",
+    "choose_cpu_dtype",
+    "count_cpu_nodes",
+    "decide_on_this_node",
+    "detect_cpu_capabilities",
+    "measure_bf16_speedup",
+    "parse_cpuinfo",
+    "probe_cpu_node",
+    "size_cpu_node",
+    "smallest_cpu_node",
+]

@@ -1,0 +1,170 @@
+"""pipeline.cpu: CPU capabilities, the CPU dtype decision and its freezing in the fingerprint, and CPU-node sizing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from model.processing import ViTHybridImageProcessor
+from pipeline import cpu
+from pipeline.config import JobConfig
+from pipeline.cpu import CpuCapabilities, CpuDtypeDecision
+from pipeline.manifest import OutputConflictError, OutputState
+from pipeline.plan import build_fingerprint
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile
+
+processor\t: 1
+model name\t: ignored second entry
+flags\t\t: fpu
+"""
+
+
+def caps(**flags: bool) -> CpuCapabilities:
+    values = {"avx2": True, "avx512": False, "avx512_bf16": False, "amx_bf16": False, **flags}
+    return CpuCapabilities(name="test CPU", logical_cpus=4, physical_cores=2, isa="AVX2", source="test", **values)
+
+
+def test_parse_cpuinfo_reads_the_first_processor() -> None:
+    name, flags = cpu.parse_cpuinfo(CPUINFO)
+    assert name == "Intel(R) Xeon(R) Platinum 8488C"
+    assert {"avx512_bf16", "amx_bf16", "avx2"} <= flags and "fpu" in flags
+    capabilities = cpu.capabilities_from_flags(
+        flags, name=name, logical_cpus=8, physical_cores=4, isa="AVX512", source="/proc/cpuinfo"
+    )
+    assert capabilities.avx512 and capabilities.avx512_bf16 and capabilities.amx_bf16 and capabilities.native_bf16
+
+
+def test_flags_in_torch_spelling_are_understood() -> None:
+    torch_style = ["avx2", "avx512_f", "avx512_bw", "avx512_vnni"]  # torch.cpu.get_capabilities() names
+    capabilities = cpu.capabilities_from_flags(
+        torch_style, name="x", logical_cpus=2, physical_cores=2, isa="AVX512", source="torch"
+    )
+    assert capabilities.avx512 and not capabilities.avx512_bf16 and not capabilities.native_bf16
+    assert cpu.capabilities_from_flags(["amx_bf16"], name="x", logical_cpus=2, physical_cores=None, isa="AVX512",
+                                       source="torch").native_bf16
+
+
+def test_detected_capabilities_agree_with_proc_cpuinfo() -> None:
+    detected = cpu.detect_cpu_capabilities()
+    _, flags = cpu.parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
+    assert detected.avx2 == ("avx2" in flags)
+    assert detected.avx512 == ("avx512f" in flags)
+    assert detected.avx512_bf16 == ("avx512_bf16" in flags)
+    assert detected.amx_bf16 == ("amx_bf16" in flags)
+    assert detected.logical_cpus == cpu.usable_cpus() >= 1
+    assert CpuCapabilities.from_dict(detected.to_dict()) == detected
+    assert detected.name in detected.describe()
+
+
+def test_proc_cpuinfo_capabilities_match_torchs(tmp_path: Path) -> None:
+    from_kernel = cpu.capabilities_from_proc_cpuinfo()
+    from_torch = cpu.detect_cpu_capabilities()
+    assert from_kernel is not None
+    for flag in ("avx2", "avx512", "avx512_bf16", "amx_bf16"):
+        assert getattr(from_kernel, flag) == getattr(from_torch, flag), flag
+    written = tmp_path / "cpuinfo"
+    written.write_text(CPUINFO, encoding="utf-8")
+    parsed = cpu.capabilities_from_proc_cpuinfo(str(written))
+    assert parsed is not None and parsed.native_bf16 and parsed.amx_bf16 and parsed.isa.startswith("AVX512")
+    assert cpu.capabilities_from_proc_cpuinfo(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "measured", "expected"),
+    [
+        ({}, None, "float32"),  # AVX2 only: bf16 emulated
+        ({"avx512": True}, None, "float32"),  # AVX-512 without the BF16 extension (this project's Xeon)
+        ({"avx512": True}, 3.0, "float32"),  # a measurement never turns emulated bf16 on
+        ({"avx512": True, "avx512_bf16": True}, None, "bfloat16"),
+        ({"avx512": True, "avx512_bf16": True}, 2.5, "bfloat16"),
+        ({"avx512": True, "amx_bf16": True}, 8.0, "bfloat16"),
+        ({"avx512": True, "avx512_bf16": True}, 0.9, "float32"),  # flag passed through, no speed behind it
+    ],
+)
+def test_choose_cpu_dtype(flags: dict[str, bool], measured: float | None, expected: str) -> None:
+    decision = cpu.choose_cpu_dtype(caps(**flags), measured)
+    assert decision.dtype == expected
+    assert decision.reason
+    assert CpuDtypeDecision.from_dict(decision.to_dict()) == decision
+
+
+def test_this_machines_decision_follows_its_flags() -> None:
+    decision = CpuDtypeDecision.from_dict(cpu.decide_on_this_node())
+    native = decision.capabilities.native_bf16
+    assert decision.dtype == ("bfloat16" if native and (decision.measured_bf16_speedup or 2) >= 1.2 else "float32")
+    assert (decision.measured_bf16_speedup is not None) == native  # measured only to confirm a claim
+
+
+def test_a_resume_on_other_hardware_is_refused_not_mixed(tmp_path: Path) -> None:
+    """Started where the CPU has AVX512-BF16 (bf16 frozen), resumed on an AVX2 node (fp32): refused, naming dtype."""
+    config = JobConfig(task="classify", input="unused", output=str(tmp_path / "out"), model="unused")
+    processor = ViTHybridImageProcessor()
+    plan = [{"shard_id": "s0", "source": "file:///in/a.tar"}]
+    first = cpu.choose_cpu_dtype(caps(avx512=True, avx512_bf16=True)).dtype
+    OutputState.open(config.output, build_fingerprint(config, "ab" * 32, processor, first), plan, {})
+    second = cpu.choose_cpu_dtype(caps()).dtype
+    assert (first, second) == ("bfloat16", "float32")
+    with pytest.raises(OutputConflictError, match="dtype: 'bfloat16' -> 'float32'"):
+        OutputState.open(config.output, build_fingerprint(config, "ab" * 32, processor, second), plan, {})
+    # The same hardware resumes.
+    again = OutputState.open(config.output, build_fingerprint(config, "ab" * 32, processor, first), plan, {})
+    assert again.resumed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sizing
+
+
+@pytest.mark.parametrize("node_cpus", [1, 2, 4, 16, 64, 192])
+def test_every_core_is_reserved_and_the_model_gets_nearly_all(node_cpus: int) -> None:
+    plan = cpu.size_cpu_node(node_cpus)
+    reserved = plan.cpus_per_actor * plan.actors + plan.decode_cpus_per_task * plan.decode_tasks
+    assert reserved == pytest.approx(node_cpus, abs=0.011)  # every CPU reserved (rounding to 0.01)
+    assert plan.actors == 1 and 0 < plan.decode_cpus_per_task <= 1
+    # Decoding gets its share times the headroom, at least a quarter CPU; the model the rest, one thread per CPU.
+    decode_total = plan.decode_cpus_per_task * plan.decode_tasks
+    needed = node_cpus * (1 - plan.model_share)
+    assert decode_total >= min(needed * cpu.DECODE_HEADROOM, max(node_cpus - 1, cpu.MIN_DECODE_CPUS)) - 0.011
+    assert decode_total >= cpu.MIN_DECODE_CPUS - 0.011
+    assert plan.torch_threads == math.ceil(plan.cpus_per_actor - 1e-9)
+    if node_cpus >= 2 and decode_total < 1:
+        assert plan.torch_threads == node_cpus  # the decode share is a sliver: not one thread less for the model
+
+
+def test_sizing_follows_the_measured_cost_ratio() -> None:
+    # Equal costs: decoding needs half the node; it is capped at all but one CPU.
+    plan = cpu.size_cpu_node(8, model_core_s=1.0, decode_core_s=1.0)
+    assert plan.model_share == pytest.approx(0.5)
+    assert plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(7)
+    assert plan.cpus_per_actor == pytest.approx(1) and plan.torch_threads == 1
+    # A model ten times as costly as decoding on 64 CPUs: 64/11 x 4 = 23.3 CPUs for decoding, in one-CPU tasks.
+    plan = cpu.size_cpu_node(64, model_core_s=10.0, decode_core_s=1.0)
+    assert plan.decode_tasks == 24 and plan.decode_cpus_per_task * 24 == pytest.approx(23.27, abs=0.03)
+    assert plan.torch_threads == math.ceil(plan.cpus_per_actor)
+
+
+def test_threads_never_exceed_physical_cores_and_bad_inputs_are_refused() -> None:
+    assert cpu.size_cpu_node(32, physical_cores=16).torch_threads == 16
+    with pytest.raises(ValueError, match="at least 1 CPU"):
+        cpu.size_cpu_node(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        cpu.size_cpu_node(4, decode_core_s=0)
+
+
+def test_cpu_nodes_from_ray_nodes() -> None:
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 0.0}},  # a head kept free of work
+        {"Alive": True, "Resources": {"CPU": 16.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0}},
+        {"Alive": False, "Resources": {"CPU": 2.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+    ]
+    assert cpu.smallest_cpu_node(nodes) == 8.0
+    assert cpu.count_cpu_nodes(nodes) == 2
+    assert cpu.smallest_cpu_node([]) is None
