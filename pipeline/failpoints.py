@@ -14,9 +14,10 @@ Syntax: comma-separated entries ``NAME[=N][:ACTION][@MARKER]``
 * ``@MARKER`` (a file path) makes the point fire once across all processes and retries: it fires only if ``MARKER``
   does not exist yet, and creates it (atomically) right before acting. Tests wait for the marker of a ``pause``.
 
-Example (SIGKILL the driver between publishing the second shard's data files and writing its commit record)::
+Example (pause a finalize task between publishing a shard's data files and writing its commit record; a test then
+kills the driver from outside)::
 
-    VIT_HYBRID_FAILPOINTS=commit.before_record=2 python -m jobs.classify --input ... --output ...
+    VIT_HYBRID_FAILPOINTS=commit.before_record:pause@/tmp/marker python -m jobs.classify --input ... --output ...
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ ENVIRONMENT_VARIABLE = "VIT_HYBRID_FAILPOINTS"
 POINTS = {
     "read.batch": "read/decode task, after yielding each batch of a shard except its last (mid-shard)",
     "infer.batch": "inference actor, before each batch is run through the model",
-    "commit.before_record": "driver commit thread, after a shard's data files are published, before its record",
+    "write.fragment": "writer stage, after a batch's fragments are written, before their metadata is passed on",
+    "commit.before_record": "finalize task, after a shard's data files are published, before its commit record",
+    "finalize.after_record": "finalize task, after the commit record, before the shard's fragments are deleted",
     "finish.before_success": "driver, after _manifest.json and _summary.json, before _SUCCESS",
 }
 ACTIONS = ("kill", "exit", "pause")
