@@ -221,6 +221,10 @@ class StorageFolder:
             )
         except FileNotFoundError:
             return []
+        finally:
+            # s3fs caches a prefix-filtered listing as if it were the whole folder; later isfile/exists calls on
+            # the same (shared, cached) filesystem object would then miss files outside the prefix.
+            filesystem.invalidate_cache(base)
         names = [path.rstrip("/").rsplit("/", 1)[-1] for path in found if path.rstrip("/") != base]
         return sorted(name for name in names if name.startswith(prefix))
 

@@ -114,7 +114,6 @@ class ShardTracker:
         if starts.size == 0 or starts.shape != ends.shape or (ends <= starts).any() or starts.min() < 0:
             raise ShardAssemblyError(f"shard {shard_id!r}: fragment {row[FRAGMENT_COLUMN]} has bad ranges {starts}-{ends}")
         total = int(row[SHARD_ROWS_COLUMN])
-        count = int((ends - starts).sum())
         if shard_id in self._done:
             size = self._done[shard_id]
             if ends.max() > size or (total >= 0 and total != size):
@@ -122,7 +121,7 @@ class ShardTracker:
                     f"shard {shard_id!r}: row(s) {starts[0]}..{ends[-1] - 1} arrived after the shard was complete with "
                     f"{size} rows and do not fit it; rows were produced differently upstream"
                 )
-            self.rows_resent += count
+            self.rows_resent += int(row[ROWS_COLUMN])
             self.fragments_unused += 1
             return None
         shard = self._open.setdefault(shard_id, _OpenShard())
@@ -140,7 +139,7 @@ class ShardTracker:
             shard.seen = grown
         ordinals = np.concatenate([np.arange(start, end) for start, end in zip(starts.tolist(), ends.tolist())])
         fresh = ordinals[~shard.seen[ordinals]]
-        self.rows_resent += len(ordinals) - len(fresh)
+        self.rows_resent += int(row[ROWS_COLUMN]) - len(fresh)  # repeats within the fragment count too
         if len(fresh) == 0:
             self.fragments_unused += 1
             logger.info("shard %s: fragment of %d re-sent row(s) not used", shard_id, len(ordinals))
