@@ -368,7 +368,7 @@ def reference_job(tmp_path_factory: Any, s3_endpoint: str) -> ReferenceJob:
         job = ReferenceJob(bucket, job.input, model, output, samples, time.monotonic() - started)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
-    rows = sum(read_table(output, name).num_rows for name in parquet_names(output))
+    rows = sum(read_table(output, name).num_rows for name in data_names(output))
     assert rows == len(samples)
     return job
 
