@@ -110,3 +110,22 @@ def failpoint(name: str) -> None:
         os._exit(1)
     else:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: Test instrumentation beside the failpoints, and like them inert unless switched on: with this variable naming a
+#: folder, each read/decode task and each inference actor leaves an empty file ``<stage>.<node id>.<pid>`` there,
+#: so a multi-node test can see where Ray placed the work without Ray's state API (which needs the dashboard).
+PLACEMENT_VARIABLE = "VIT_HYBRID_PLACEMENT_LOG"
+
+
+def record_placement(stage: str) -> None:
+    """Leave ``<folder>/<stage>.<node id>.<pid>`` when ``VIT_HYBRID_PLACEMENT_LOG`` names a folder; else nothing."""
+    folder = os.environ.get(PLACEMENT_VARIABLE)
+    if not folder:
+        return
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "no-ray"
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, f"{stage}.{node}.{os.getpid()}"), "a").close()  # noqa: SIM115 - touch
+

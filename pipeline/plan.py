@@ -44,7 +44,7 @@ import torch
 from model.processing import ViTHybridImageProcessor
 from pipeline import decode, planstore, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
-from pipeline.failpoints import failpoint
+from pipeline.failpoints import failpoint, record_placement
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
 from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState, sanitize_arguments, sanitize_uri
@@ -115,6 +115,7 @@ def read_and_decode_shards(
     (the total only becomes known at the end of a streamed tar), which is how the driver learns that a shard is
     complete. Holding back one batch is what lets us mark the last row without reading the shard twice.
     """
+    record_placement("decode")
     for shard_json in batch["shard"]:
         shard = sources.Shard.from_dict(json.loads(shard_json))
         held: dict[str, Any] | None = None
