@@ -101,12 +101,8 @@ class IncompleteShardsError(JobError):
 def read_and_decode_shards(
     batch: dict[str, np.ndarray],
     *,
-    storage_options: dict[str, Any],
+    config: JobConfig,
     processor: ViTHybridImageProcessor,
-    fast_decode: bool,
-    max_image_pixels: int,
-    id_column: str | None,
-    image_column: str | None,
     rows_per_batch: int,
 ) -> Iterator[dict[str, Any]]:
     """Ray Data generator UDF: one input row names one shard; yield its samples decoded, a few rows at a time.
@@ -122,13 +118,13 @@ def read_and_decode_shards(
         rows_seen = 0
         for table in sources.read_shard(
             shard,
-            storage_options=storage_options,
+            storage_options=config.storage_options,
             batch_rows=rows_per_batch,
-            id_column=id_column,
-            image_column=image_column,
+            id_column=config.id_column,
+            image_column=config.image_column,
         ):
             decoded = decode.decode_batch(
-                table, processor=processor, fast=fast_decode, max_image_pixels=max_image_pixels
+                table, processor=processor, fast=config.fast_decode, max_image_pixels=config.max_image_pixels
             )
             rows_seen += len(decoded["key"])
             if held is not None:
@@ -374,15 +370,9 @@ def _build_dataset(
         # A memory reservation bounds how many decodes of large photos share a node; it also keeps Ray Data from
         # fusing decode into the inference actors (fused, the actor would decode and infer in turn, serially).
         memory=config.decode_memory_mb * 1024 * 1024,
-        fn_kwargs={
-            "storage_options": config.storage_options,
-            "processor": processor,
-            "fast_decode": config.fast_decode,
-            "max_image_pixels": config.max_image_pixels,
-            "id_column": config.id_column,
-            "image_column": config.image_column,
-            "rows_per_batch": min(batch_size, 64),
-        },
+        # The settings travel whole (JobConfig is small and picklable): a new decode option is read where it is
+        # used, never copied field by field into a parallel record.
+        fn_kwargs={"config": config, "processor": processor, "rows_per_batch": min(batch_size, 64)},
     )  # Ray Data retries a failed or killed task by default (max_retries=-1), re-reading its shard from the start.
     dataset = dataset.map_batches(
         InferenceActor,

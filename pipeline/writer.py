@@ -148,12 +148,15 @@ def finalize_shard(
 ) -> dict:
     """Commit one complete shard from its fragments (see :mod:`pipeline.manifest`, step 3); returns its commit record.
 
-    Safe to run twice (a retried task): it reads the same fragments and writes the same names; once the commit
-    record is written the fragments are deleted, and a second run that finds them gone finds the record instead.
+    Safe to run twice (a retried task): it reads the same fragments and writes the same names; an attempt that finds
+    the commit record already written only removes the fragments.
     """
     existing = layout.book.read_json(layout.commit_name(shard_id))
-    if existing is not None and not all(_exists(layout, name) for name in fragments[:1]):
-        return CommitRecord.from_dict(existing).to_dict()  # an earlier attempt of this task finished
+    if existing is not None:
+        # An earlier attempt of this task got as far as the record: the shard is committed (the record comes last),
+        # whatever became of the fragments afterwards.
+        layout.delete_fragments(fragments)
+        return CommitRecord.from_dict(existing).to_dict()
     table = read_fragments(layout, shard_id, fragments, rows)
     writer = ParquetShardWriter(
         layout.output_uri,
@@ -166,8 +169,4 @@ def finalize_shard(
     failpoint("finalize.after_record")  # committed, fragments not deleted yet
     layout.delete_fragments(fragments)
     return record.to_dict()
-
-
-def _exists(layout: OutputLayout, name: str) -> bool:
-    return layout.book.exists(name)
 

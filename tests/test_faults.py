@@ -235,3 +235,13 @@ def test_a_shard_read_error_inside_ray_becomes_one_clear_job_error(tmp_path: Pat
     assert message.startswith("cannot read input: access denied opening shard s3://bucket/x.tar: Forbidden. ")
     assert "Traceback" not in message and "UDF" not in message and "run the same command again" in message
     assert (tmp_path / "out.job" / "commits" / "a.json").exists()  # the complete shard was committed first
+
+
+def test_a_retried_finalize_task_after_its_record_changes_nothing(tmp_path: Path) -> None:
+    layout = OutputLayout(str(tmp_path / "out"))
+    (shard,) = ShardTracker().add(write_fragments(shard_rows("a", [0, 1, 2], 3), layout=layout))
+    schema = output_schema("embed", 4)
+    first = finalize_shard(layout, "a", shard.fragments, 3, rows_per_file=2, metadata={}, schema=schema)
+    stamps = {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in first["files"]}
+    again = finalize_shard(layout, "a", shard.fragments, 3, rows_per_file=2, metadata={}, schema=schema)
+    assert again == first and {name: (tmp_path / "out" / name).stat().st_mtime_ns for name in first["files"]} == stamps
