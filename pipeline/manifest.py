@@ -375,6 +375,10 @@ class OutputState:
         """
         layout = OutputLayout(output_uri, storage_options)
         shown_uri = sanitize_uri(output_uri)
+        try:
+            layout.bookkeeping_uri  # noqa: B018 - refuses a bucket root, which has no place beside it
+        except ValueError as error:
+            raise OutputConflictError(sanitize_uri(str(error))) from None
         arguments = sanitize_arguments(arguments)  # the state keeps only this copy, so its repr is safe to log
         if overwrite:
             deleted = layout.delete_owned()

@@ -355,3 +355,8 @@ def test_reprs_never_show_storage_options(tmp_path: Path) -> None:
     state = OutputState.open(out, fingerprint(), PLAN, {"storage_options": options}, storage_options=options)
     writer_repr = repr(ParquetShardWriter(str(tmp_path), rows_per_file=1, storage_options=options))
     assert FAKE_SECRET not in repr(state) and FAKE_SECRET not in writer_repr
+
+
+def test_a_bucket_root_is_refused_as_output() -> None:
+    with pytest.raises(OutputConflictError, match="bucket root"):
+        OutputState.open("s3://some-bucket/", fingerprint(), PLAN, {})
