@@ -271,14 +271,6 @@ class OutputLayout:
         """``OUT.job``: the bookkeeping."""
         return StorageFolder(self.bookkeeping_uri, join_uri(self.bookkeeping_uri, STAGING_DIR), self.storage_options)
 
-    def uri(self, name: str = "") -> str:
-        """URI of a data file (relative to OUT)."""
-        return self.data.uri(name)
-
-    @property
-    def is_local(self) -> bool:
-        return self.data.is_local
-
     # ---- names -------------------------------------------------------------------------------------------------
 
     @staticmethod

@@ -97,11 +97,5 @@ def read_plan(book: StorageFolder) -> pa.Table:
     return pq.read_table(io.BytesIO(book.read_bytes(PLAN_FILE))).cast(PLAN_SCHEMA)
 
 
-def shard_at(table: pa.Table, index: int) -> sources.Shard:
-    row = {name: table.column(name)[index].as_py() for name in table.column_names}
-    row["members"] = tuple(row["members"] or ())
-    return sources.Shard.from_dict(row)
-
-
 def shards_of(table: pa.Table) -> list[sources.Shard]:
     return [sources.Shard.from_dict({**row, "members": tuple(row["members"] or ())}) for row in table.to_pylist()]

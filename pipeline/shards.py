@@ -87,10 +87,6 @@ class ShardTracker:
         self.rows_resent = 0
         self.fragments_unused = 0
 
-    @property
-    def open_shards(self) -> int:
-        return len(self._open)
-
     def pending_shards(self) -> dict[str, tuple[int, int | None]]:
         """``{shard_id: (rows received, rows expected or None)}`` for shards still incomplete."""
         return {shard_id: (shard.received, shard.expected) for shard_id, shard in self._open.items()}

@@ -13,6 +13,7 @@ The stand-in model (``VIT_HYBRID_STAND_IN_MODEL=0``) replaces the network: place
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    os.environ["VIT_HYBRID_STAND_IN_MODEL"] = "0"  # workers inherit the environment of the process starting them
+    # Workers inherit the environment of the process that starts the raylets (this one), not the joining driver's.
+    os.environ["VIT_HYBRID_STAND_IN_MODEL"] = "0"
     temp_dir = short_tmpdir()
+    os.environ["VIT_HYBRID_PLACEMENT_LOG"] = os.path.join(temp_dir, "placements")
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False},
@@ -54,6 +57,8 @@ def cluster():
     finally:
         cluster.shutdown()
         os.environ.pop("VIT_HYBRID_STAND_IN_MODEL", None)
+        os.environ.pop("VIT_HYBRID_PLACEMENT_LOG", None)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +70,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(base / "shards"), make_checkpoint(base / "checkpoint")
 
 
-def start(cluster, inputs: tuple[str, str], output: Path, placements: Path, log: Path) -> subprocess.Popen:
+def start(cluster, inputs: tuple[str, str], output: Path, log: Path) -> subprocess.Popen:
     shards, model = inputs
     args = ["--input", shards, "--output", str(output), "--model", model, "--batch-size", "8",
             "--rows-per-file", "10", "--max-actors", "2", "--device", "cpu"]  # fmt: skip
-    env = job_environment(
-        cluster[2], {"RAY_ADDRESS": cluster[0].address, "VIT_HYBRID_PLACEMENT_LOG": str(placements)}
-    )
+    env = job_environment(cluster[2], {"RAY_ADDRESS": cluster[0].address})
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(classify_command(*args), cwd=PROJECT_ROOT, env=env, stdout=handle, stderr=handle)
 
@@ -85,18 +88,20 @@ def test_work_spreads_over_the_worker_nodes_and_survives_losing_one(cluster, inp
     head_id = ray_cluster.head_node.node_id
     worker_ids = {node.node_id for node in workers}
 
-    clean, clean_placements = tmp_path / "clean", tmp_path / "clean-placements"
-    process = start(cluster, inputs, clean, clean_placements, tmp_path / "clean.log")
+    placements = Path(os.environ["VIT_HYBRID_PLACEMENT_LOG"])
+    clean = tmp_path / "clean"
+    process = start(cluster, inputs, clean, tmp_path / "clean.log")
     assert process.wait(timeout=600) == 0, (tmp_path / "clean.log").read_text(errors="replace")[-5000:]
     for stage in ("decode", "actor"):
-        nodes = nodes_of(clean_placements, stage)
+        nodes = nodes_of(placements, stage)
         assert head_id not in nodes, f"{stage} ran on the head, which has no CPUs for it"
         assert nodes == worker_ids, f"{stage} ran on {nodes}, not on both workers {worker_ids}"
     assert len(committed_shards(str(clean))) == SHARDS
 
     # The same job again, losing a worker node once the work is under way on both.
-    output, placements = tmp_path / "lossy", tmp_path / "lossy-placements"
-    process = start(cluster, inputs, output, placements, tmp_path / "lossy.log")
+    shutil.rmtree(placements)  # each job's workers and actors are its own: what appears now is the second job's
+    output = tmp_path / "lossy"
+    process = start(cluster, inputs, output, tmp_path / "lossy.log")
     wait_for(
         lambda: len(nodes_of(placements, "actor")) == 2 and len(nodes_of(placements, "decode")) == 2,
         timeout_s=300,
@@ -109,7 +114,7 @@ def test_work_spreads_over_the_worker_nodes_and_survives_losing_one(cluster, inp
     log = (tmp_path / "lossy.log").read_text(errors="replace")
     if first != 0:
         # At most one rerun of the same command, on the surviving node.
-        rerun = start(cluster, inputs, output, placements, tmp_path / "rerun.log")
+        rerun = start(cluster, inputs, output, tmp_path / "rerun.log")
         assert rerun.wait(timeout=600) == 0, (tmp_path / "rerun.log").read_text(errors="replace")[-5000:]
     print(f"first attempt after losing a node exited {first}; last lines:\n{log[-1500:]}")
     assert_same_output(str(output), str(clean))
