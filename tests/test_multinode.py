@@ -37,7 +37,8 @@ SAMPLES_PER_SHARD = 24
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (0 CPUs: runs no tasks) + two worker nodes of 2 CPUs each, in a private temp dir."""
+    """Head (0 CPUs: runs no tasks) + two worker nodes of 3 logical CPUs each (an actor, a decode task and the writer
+    stage fit on one), in a private temp dir."""
     from ray.cluster_utils import Cluster
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
@@ -50,7 +51,7 @@ def cluster():
         head_node_args={"num_cpus": 0, "temp_dir": temp_dir, "include_dashboard": False},
         shutdown_at_exit=True,
     )
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=3, object_store_memory=150 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         yield cluster, workers, temp_dir
@@ -73,7 +74,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def start(cluster, inputs: tuple[str, str], output: Path, log: Path) -> subprocess.Popen:
     shards, model = inputs
     args = ["--input", shards, "--output", str(output), "--model", model, "--batch-size", "8",
-            "--rows-per-file", "10", "--max-actors", "2", "--device", "cpu"]  # fmt: skip
+            "--rows-per-file", "10", "--min-actors", "2", "--max-actors", "2", "--device", "cpu"]  # fmt: skip
     env = job_environment(cluster[2], {"RAY_ADDRESS": cluster[0].address})
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(classify_command(*args), cwd=PROJECT_ROOT, env=env, stdout=handle, stderr=handle)
