@@ -221,7 +221,8 @@ def build_processor(settings: CheckSettings) -> Any:
 def load_photographs() -> tuple[list[tuple[str, Any]], str]:
     """scikit-image's sample photographs, each loaded on its own (a missing one is skipped: no network there);
     synthetic pictures when none loads. Returns the photos and where they came from, for the report."""
-    from benchmarks.measures import PHOTO_NAMES, _synthetic_picture
+    from benchmarks.measures import PHOTO_NAMES
+    from fixtures.photos import synthetic_picture
 
     photos = []
     data: Any = None
@@ -239,7 +240,7 @@ def load_photographs() -> tuple[list[tuple[str, Any]], str]:
             photos.append((name, photo))
     if photos:
         return photos, "scikit-image: " + ", ".join(name for name, _ in photos)
-    return [(f"synthetic-{index}", _synthetic_picture(index)) for index in range(4)], "synthetic (no scikit-image photos)"
+    return [(f"synthetic-{index}", synthetic_picture(index)) for index in range(4)], "synthetic (no scikit-image photos)"
 
 
 def _as_rgb(photo: Any) -> Any:
@@ -766,17 +767,21 @@ def _run_with_ray(settings: CheckSettings, checkpoint: str, shards: str, output:
 def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output: str) -> dict[str, Any]:
     """The job's stages without Ray: plan -> read + decode shards on threads -> InferenceActor -> commit per shard.
 
-    The same functions the Ray plan runs (``read_and_decode_shards``, ``InferenceActor``, ``ShardAssembler``,
-    ``commit_shard``), joined by a bounded queue instead of Ray Data: decoding overlaps inference as in the job.
+    The same functions the Ray plan runs (``read_and_decode_shards``, ``InferenceActor``, ``write_fragments``,
+    ``ShardTracker``, ``finalize_shard``), joined by a bounded queue instead of Ray Data: decoding overlaps inference
+    as in the job.
     """
     import numpy as np
 
     from model.processing import ViTHybridImageProcessor
     from pipeline import sources
+    from pipeline.config import JobConfig
     from pipeline.infer import InferenceActor, InferenceSettings
-    from pipeline.manifest import ShardAssembler
+    from pipeline.layout import OutputLayout
     from pipeline.plan import read_and_decode_shards
-    from pipeline.sink import commit_shard, output_schema
+    from pipeline.shards import ShardTracker
+    from pipeline.sink import output_schema
+    from pipeline.writer import finalize_shard, write_fragments
 
     dtype = "bfloat16" if settings.device == "cuda" else "float32"
     planned = sources.plan_shards(shards, format="webdataset", storage_options={}, images_per_shard=settings.e2e_images_per_shard)
@@ -794,17 +799,16 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
     def decode_shard(shard: Any) -> None:
         try:
             batch = {"shard": np.array([json.dumps(shard.to_dict())], dtype=object)}
-            for chunk in read_and_decode_shards(
-                batch, storage_options={}, processor=processor, fast_decode=True, max_image_pixels=89_478_485,
-                id_column=None, image_column=None, rows_per_batch=64,
-            ):
+            for chunk in read_and_decode_shards(batch, config=job, processor=processor, rows_per_batch=64):
                 chunks.put(chunk)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
             chunks.put(error)
         finally:
             chunks.put(done)
 
-    assembler = ShardAssembler()
+    job = JobConfig(task="classify", input=shards, output=output, model=checkpoint, format="webdataset")
+    layout = OutputLayout(output)
+    tracker = ShardTracker()
     committed = 0
     busy_s = 0.0
     batches = 0
@@ -819,8 +823,9 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
         table = actor(batch)
         busy_s += time.monotonic() - call_started
         batches += 1
-        for shard_id, shard_table in assembler.add(table):
-            commit_shard(output, shard_id, shard_table, rows_per_file=100_000, metadata={}, schema=schema)
+        for shard in tracker.add(write_fragments(table, layout=layout)):
+            finalize_shard(layout, shard.shard_id, shard.fragments, shard.rows, rows_per_file=100_000, metadata={},
+                           schema=schema)
             committed += 1
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
@@ -842,15 +847,15 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
         if pending:
             infer(pending)
     seconds = time.monotonic() - started
-    incomplete = assembler.pending_shards()
+    incomplete = tracker.pending_shards()
     if incomplete:
         raise RuntimeError(f"shards left incomplete: {sorted(incomplete)[:5]}")
     return {
-        "samples": assembler.rows_accepted,
-        "errors": assembler.error_rows_accepted,
+        "samples": tracker.rows_accepted,
+        "errors": tracker.error_rows_accepted,
         "shards_committed": committed,
         "seconds": seconds,
-        "images_per_s": assembler.rows_accepted / seconds,
+        "images_per_s": tracker.rows_accepted / seconds,
         "actor_startup_s": round(actor_startup_s, 2),
         "actor_busy_fraction": busy_s / seconds,
         "inference_batches": batches,

@@ -14,9 +14,10 @@ Syntax: comma-separated entries ``NAME[=N][:ACTION][@MARKER]``
 * ``@MARKER`` (a file path) makes the point fire once across all processes and retries: it fires only if ``MARKER``
   does not exist yet, and creates it (atomically) right before acting. Tests wait for the marker of a ``pause``.
 
-Example (SIGKILL the driver between publishing the second shard's data files and writing its commit record)::
+Example (pause a finalize task between publishing a shard's data files and writing its commit record; a test then
+kills the driver from outside)::
 
-    VIT_HYBRID_FAILPOINTS=commit.before_record=2 python -m jobs.classify --input ... --output ...
+    VIT_HYBRID_FAILPOINTS=commit.before_record:pause@/tmp/marker python -m jobs.classify --input ... --output ...
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ ENVIRONMENT_VARIABLE = "VIT_HYBRID_FAILPOINTS"
 POINTS = {
     "read.batch": "read/decode task, after yielding each batch of a shard except its last (mid-shard)",
     "infer.batch": "inference actor, before each batch is run through the model",
-    "commit.before_record": "driver commit thread, after a shard's data files are published, before its record",
+    "write.fragment": "writer stage, after a batch's fragments are written, before their metadata is passed on",
+    "commit.before_record": "finalize task, after a shard's data files are published, before its commit record",
+    "finalize.after_record": "finalize task, after the commit record, before the shard's fragments are deleted",
     "finish.before_success": "driver, after _manifest.json and _summary.json, before _SUCCESS",
 }
 ACTIONS = ("kill", "exit", "pause")
@@ -107,3 +110,22 @@ def failpoint(name: str) -> None:
         os._exit(1)
     else:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: Test instrumentation beside the failpoints, and like them inert unless switched on: with this variable naming a
+#: folder, each read/decode task and each inference actor leaves an empty file ``<stage>.<node id>.<pid>`` there,
+#: so a multi-node test can see where Ray placed the work without Ray's state API (which needs the dashboard).
+PLACEMENT_VARIABLE = "VIT_HYBRID_PLACEMENT_LOG"
+
+
+def record_placement(stage: str) -> None:
+    """Leave ``<folder>/<stage>.<node id>.<pid>`` when ``VIT_HYBRID_PLACEMENT_LOG`` names a folder; else nothing."""
+    folder = os.environ.get(PLACEMENT_VARIABLE)
+    if not folder:
+        return
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "no-ray"
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, f"{stage}.{node}.{os.getpid()}"), "a").close()  # noqa: SIM115 - touch
+

@@ -50,7 +50,7 @@ from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.decode import decode_batch
-from pipeline.failpoints import failpoint
+from pipeline.failpoints import failpoint, record_placement
 from pipeline.sink import build_output_table
 from pipeline.standin import ENVIRONMENT_VARIABLE as STAND_IN_VARIABLE
 from pipeline.standin import StandInModel, StandInNormalizer, stand_in_latency_s
@@ -224,6 +224,7 @@ class InferenceActor:
     """
 
     def __init__(self, settings: InferenceSettings) -> None:
+        record_placement("actor")  # inert unless VIT_HYBRID_PLACEMENT_LOG is set (multi-node tests)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings

@@ -1,18 +1,24 @@
 """A typed job config -> the Ray Data plan, run to completion with shard-level commits.
 
-The plan: input shards (a frozen list, recorded in the output so a rerun resumes the same work) -> CPU tasks that
-read each shard and decode + preprocess its images to uint8 -> a pool of inference actors -> the driver, which groups
-result rows by shard and commits each shard's Parquet files once all its rows have arrived. See
+The plan: input shards (a frozen list, stored beside the output so a rerun resumes the same work without listing the
+input again) -> CPU tasks that read each shard and decode + preprocess its images to uint8 -> a pool of inference
+actors -> a writer stage that writes the rows as per-shard fragments and passes on one small metadata row per
+fragment -> the driver, which tracks which rows of each shard arrived and, once a shard is complete, starts a
+finalize task on a worker that commits the shard's Parquet files. Rows never reach the driver. See
 :mod:`pipeline.manifest` for the commit protocol and why it gives exactly-once output across kills and reruns.
 
 What each failure does
-    * The driver is killed (SIGKILL, OOM, node loss) or the cluster stops: only the driver writes the output, and
-      committed shards are skipped on the rerun of the same command, which redoes the rest from their first rows.
+    * The driver is killed (SIGKILL, OOM, node loss) or the cluster stops: committed shards are skipped on the rerun
+      of the same command, which redoes the rest from their first rows; fragments and staged files of the dead run
+      are swept first.
       An in-process Ray dies with its driver; its last two agent processes exit on their own about a minute later
       and do not disturb a rerun (tests/test_resume.py).
     * A read/decode task or an inference actor dies: Ray re-executes it (Ray Data's defaults retry without limit);
-      rows the dead attempt already delivered and the retry sends again are dropped by :class:`ShardAssembler`, and
-      a shard whose rows never all arrive is not committed (:class:`IncompleteShardsError`; a rerun redoes it).
+      rows the dead attempt already delivered and the retry sends again are dropped by ordinal
+      (:class:`pipeline.shards.ShardTracker`, then the finalize task), and a shard whose rows never all arrive is not
+      committed (:class:`IncompleteShardsError`; a rerun redoes it). A finalize task that dies is retried by Ray.
+    * A worker node is lost: its tasks and actors are re-run elsewhere as above; a job that cannot recover within
+      Ray's retries fails, and the rerun finishes it.
     * Transient storage errors: every storage call is retried with backoff (:func:`model.storage.with_retries`).
     * Storage errors that persist, a bad model, input or output: :class:`JobError` (or ``InputError``,
       ``OutputConflictError``, ``CheckpointError``) naming the URI and cause; model, input and (when the dtype does
@@ -28,7 +34,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,21 +43,24 @@ import pyarrow as pa
 
 from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
-from pipeline import cpu, decode, sources
+from pipeline import cpu, decode, planstore, sources
 from pipeline.compute import (
     ComputeError,
     ComputePlan,
     decide_compute,
     dtype_without_cluster,
-    uses_gpu,
     observe_cluster,
     request_gpus,
+    uses_gpu,
 )
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
-from pipeline.failpoints import failpoint
+from pipeline.failpoints import failpoint, record_placement
 from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments
-from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
-from pipeline.sink import commit_shard, output_schema
+from pipeline.layout import OutputLayout
+from pipeline.manifest import JobFingerprint, OutputState, sanitize_arguments, sanitize_uri
+from pipeline.shards import CompleteShard, ShardTracker
+from pipeline.sink import output_schema
+from pipeline.writer import finalize_shard, write_fragments
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,7 @@ class JobSummary:
     shards_total: int = 0
     shards_skipped: int = 0
     shards_committed: int = 0
-    rows_resent: int = 0  # rows that reached the driver twice (a retried Ray task) and were dropped as duplicates
+    rows_resent: int = 0  # rows that arrived twice (a retried Ray task) and were dropped as duplicates
     seconds: float = 0.0
     status: str = "running"
 
@@ -103,12 +111,8 @@ class IncompleteShardsError(JobError):
 def read_and_decode_shards(
     batch: dict[str, np.ndarray],
     *,
-    storage_options: dict[str, Any],
+    config: JobConfig,
     processor: ViTHybridImageProcessor | None,
-    fast_decode: bool,
-    max_image_pixels: int,
-    id_column: str | None,
-    image_column: str | None,
     rows_per_batch: int,
 ) -> Iterator[dict[str, Any]]:
     """Ray Data generator UDF: one input row names one shard; yield its samples decoded, a few rows at a time.
@@ -117,20 +121,23 @@ def read_and_decode_shards(
     (the total only becomes known at the end of a streamed tar), which is how the driver learns that a shard is
     complete. Holding back one batch is what lets us mark the last row without reading the shard twice.
     """
+    record_placement("decode")
     for shard_json in batch["shard"]:
         shard = sources.Shard.from_dict(json.loads(shard_json))
         held: dict[str, Any] | None = None
         rows_seen = 0
         for table in sources.read_shard(
             shard,
-            storage_options=storage_options,
+            storage_options=config.storage_options,
             batch_rows=rows_per_batch,
-            id_column=id_column,
-            image_column=image_column,
+            id_column=config.id_column,
+            image_column=config.image_column,
         ):
             decoded = (
                 _undecoded(table) if processor is None  # decode_location "actor": the actors decode
-                else decode.decode_batch(table, processor=processor, fast=fast_decode, max_image_pixels=max_image_pixels)
+                else decode.decode_batch(
+                    table, processor=processor, fast=config.fast_decode, max_image_pixels=config.max_image_pixels
+                )
             )
             rows_seen += len(decoded["key"])
             if held is not None:
@@ -212,13 +219,16 @@ def run_job(config: JobConfig) -> JobSummary:
         # or non-safetensors file. The actors read the weights.
         checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
         processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
-    with _storage_step("cannot read input", config.input):
-        planned = sources.plan_shards(
-            config.input,
-            format=config.format,
-            storage_options=config.storage_options,
-            images_per_shard=config.images_per_shard,
-        )
+
+    def list_input() -> list[sources.Shard]:
+        # Called only for a new job: a resume reads the frozen plan and never lists the input again.
+        with _storage_step("cannot read input", config.input):
+            return sources.plan_shards(
+                config.input,
+                format=config.format,
+                storage_options=config.storage_options,
+                images_per_shard=config.images_per_shard,
+            )
 
     compute: ComputePlan | None = None
     compute_dtype = _dtype_without_cluster(config)
@@ -230,18 +240,21 @@ def run_job(config: JobConfig) -> JobSummary:
         state = OutputState.open(
             config.output,
             fingerprint,
-            [shard.to_dict() for shard in planned],
+            list_input,
             sanitize_arguments(asdict(config)),
             overwrite=config.overwrite,
             storage_options=config.storage_options,
         )
-    plan = [sources.Shard.from_dict(item) for item in state.shard_plan]
-    pending = [shard for shard in plan if shard.shard_id not in state.committed_shard_ids]
+    pending = state.pending_plan()
     summary = JobSummary(
-        output=sanitize_uri(config.output), shards_total=len(plan), shards_skipped=len(plan) - len(pending)
+        output=sanitize_uri(config.output),
+        shards_total=state.plan.num_rows,
+        shards_skipped=state.plan.num_rows - pending.num_rows,
     )
-    logger.info("%d shards planned, %d already committed, %d to do", len(plan), summary.shards_skipped, len(pending))
-    if not pending and state.resumed:
+    logger.info(
+        "%d shards planned, %d already committed, %d to do", summary.shards_total, summary.shards_skipped, pending.num_rows
+    )
+    if not pending.num_rows and state.resumed:
         with _storage_step("cannot read output", config.output):
             complete = state.is_complete
         if complete:
@@ -251,12 +264,13 @@ def run_job(config: JobConfig) -> JobSummary:
             return summary
 
     schema = output_schema(config.task, model_config.hidden_size, config.embedding_dtype)
-    if pending:
+    if pending.num_rows:
         if compute is None:
             compute = _compute_plan(config, _connect_ray())
-        dataset = _build_dataset(config, pending, processor, compute)
+        dataset = _build_dataset(config, pending, processor, state.layout, compute)
+        finalizer = RayFinalizer(config, state.layout, state.parquet_metadata, schema)
         try:
-            _consume_and_commit(config, dataset, summary, state.parquet_metadata, schema)
+            _track_and_finalize(config, dataset, summary, finalizer)
         except JobAborted:
             summary.seconds = time.monotonic() - started
             with _storage_step("cannot write output", config.output):
@@ -323,18 +337,10 @@ def _storage_step(what: str, uri: str) -> Iterator[None]:
         raise JobError(f"{what} {sanitize_uri(uri)}: {_describe_storage_error(error)}") from error
 
 
-def _build_dataset(
-    config: JobConfig,
-    pending: list[sources.Shard],
-    processor: ViTHybridImageProcessor,
-    compute: ComputePlan,
-) -> Any:
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    request_gpus(compute)  # the whole pool's GPUs at once, not one autoscaler step per pending actor
-    batch_size, max_actors, actor_resources = compute.batch_size, compute.max_actors, compute.actor_resources
-    settings = InferenceSettings(
+def inference_settings(config: JobConfig, compute: ComputePlan) -> InferenceSettings:
+    """The one place where the job's settings (and the compute plan decided for this cluster) become the actors'
+    settings; everything else reads ``config``."""
+    return InferenceSettings(
         model_uri=config.model,
         task=config.task,
         top_k=config.top_k,
@@ -343,7 +349,7 @@ def _build_dataset(
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
         torch_threads=compute.torch_threads,
-        batch_size=batch_size,
+        batch_size=compute.batch_size,
         pad_to_batch=compute.pad_to_batch,
         compile=config.compile,
         decode_in_actor=config.decode_location == "actor",
@@ -352,7 +358,26 @@ def _build_dataset(
         max_image_pixels=config.max_image_pixels,
         storage_options=config.storage_options or None,
     )
-    items = [{"shard": json.dumps(shard.to_dict())} for shard in pending]
+
+
+#: CPU reserved per writer task: it encodes a batch's rows as Parquet and writes them, far less work than decoding.
+WRITER_CPUS = 0.25
+
+
+def _build_dataset(
+    config: JobConfig,
+    pending: pa.Table,
+    processor: ViTHybridImageProcessor,
+    layout: OutputLayout,
+    compute: ComputePlan,
+) -> Any:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    request_gpus(compute)  # the whole pool's GPUs at once, not one autoscaler step per pending actor
+    batch_size, max_actors, actor_resources = compute.batch_size, compute.max_actors, compute.actor_resources
+    settings = inference_settings(config, compute)
+    items = [{"shard": json.dumps(shard.to_dict())} for shard in planstore.shards_of(pending)]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     dataset = dataset.map_batches(
         read_and_decode_shards,
@@ -362,17 +387,15 @@ def _build_dataset(
         # A memory reservation bounds how many decodes of large photos share a node; it also keeps Ray Data from
         # fusing decode into the inference actors (fused, the actor would decode and infer in turn, serially).
         memory=config.decode_memory_mb * 1024 * 1024,
+        # The settings travel whole (JobConfig is small and picklable): a new decode option is read where it is
+        # used, never copied field by field into a parallel record.
         fn_kwargs={
-            "storage_options": config.storage_options,
+            "config": config,
             "processor": None if config.decode_location == "actor" else processor,
-            "fast_decode": config.fast_decode,
-            "max_image_pixels": config.max_image_pixels,
-            "id_column": config.id_column,
-            "image_column": config.image_column,
             "rows_per_batch": min(batch_size, 64),
         },
     )  # Ray Data retries a failed or killed task by default (max_retries=-1), re-reading its shard from the start.
-    return dataset.map_batches(
+    dataset = dataset.map_batches(
         InferenceActor,
         fn_constructor_args=(settings,),
         batch_size=batch_size,
@@ -380,45 +403,119 @@ def _build_dataset(
         compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments()),
         **actor_resources,
     )
+    # The writer stage: rows are written where they are, as fragments; only metadata rows go on to the driver.
+    return dataset.map_batches(
+        write_fragments,
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=WRITER_CPUS,
+        fn_kwargs={"layout": layout},
+    )
 
 
-def _consume_and_commit(
-    config: JobConfig, dataset: Any, summary: JobSummary, metadata: dict[str, str], schema: pa.Schema
-) -> None:
-    """Pull result batches to the driver, commit each shard as soon as all its rows are in, watch the error budget.
+class RayFinalizer:
+    """Runs :func:`pipeline.writer.finalize_shard` as Ray tasks, a bounded number at a time.
 
-    Samples and errors are counted from the rows the assembler accepts, so rows that a retried Ray task sent twice
-    count once. When reading a shard fails for a storage reason, the shards already complete are still committed
-    before the :class:`JobError` naming the shard is raised.
+    ``num_cpus=0``: a finalize task reads and writes one shard (seconds of I/O), and reserving a CPU for it would
+    let the decode tasks, which take every CPU they can, starve it. The cap on tasks in flight bounds what it costs;
+    the task prefers the node that wrote the shard's last fragment (soft affinity: any node if that one is gone),
+    which keeps it off a head node that runs no tasks.
     """
-    assembler = ShardAssembler()
-    in_flight: list[Future] = []
+
+    def __init__(self, config: JobConfig, layout: OutputLayout, metadata: dict[str, str], schema: pa.Schema) -> None:
+        import ray
+
+        self._ray = ray
+        self._config = config
+        self._layout = layout
+        self._metadata = ray.put(metadata)
+        self._schema = schema
+        self._remote = ray.remote(num_cpus=0, max_retries=3)(finalize_shard)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.max_in_flight = max(4, min(64, cpus))
+        self._in_flight: dict[Any, str] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def submit(self, shard: CompleteShard) -> None:
+        options: dict[str, Any] = {}
+        if shard.node_id:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shard.node_id, soft=True)
+        ref = self._remote.options(**options).remote(
+            self._layout,
+            shard.shard_id,
+            shard.fragments,
+            shard.rows,
+            rows_per_file=self._config.rows_per_file,
+            metadata=self._metadata,
+            schema=self._schema,
+        )
+        self._in_flight[ref] = shard.shard_id
+
+    def collect(self, *, block: bool) -> int:
+        """Results of the finished tasks (waiting for at least one if ``block``); returns how many committed."""
+        if not self._in_flight:
+            return 0
+        done, _ = self._ray.wait(
+            list(self._in_flight), num_returns=1 if block else len(self._in_flight), timeout=None if block else 0
+        )
+        for ref in done:
+            shard_id = self._in_flight.pop(ref)
+            try:
+                self._ray.get(ref)
+            except Exception as error:  # noqa: BLE001 - storage errors become a JobError, the rest re-raised
+                cause = getattr(error, "cause", None)
+                cause = cause if isinstance(cause, BaseException) else error
+                if _is_storage_error(cause):
+                    raise JobError(
+                        f"cannot commit shard {shard_id} to {sanitize_uri(self._config.output)}: "
+                        f"{_describe_storage_error(cause)}"
+                    ) from error
+                raise cause from error
+        return len(done)
+
+
+def _track_and_finalize(config: JobConfig, dataset: Any, summary: JobSummary, finalizer: Any) -> None:
+    """Pull fragment metadata, finalize each shard once all its rows are written, watch the error budget.
+
+    The driver never holds rows: per open shard a bit per row and the fragment names. While ``finalizer`` is at its
+    cap of tasks in flight, the loop waits for one to finish before pulling more, so Ray Data's backpressure holds
+    the stages above. Samples and errors are counted by ordinal, so rows a retried task sent twice count once. When
+    reading a shard fails for a storage reason, the shards already complete are still committed before the
+    :class:`JobError` naming the shard is raised.
+    """
+    tracker = ShardTracker()
     failure: JobError | None = None
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="commit") as committer:
-        try:
-            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                completed = assembler.add(table)
-                summary.samples = assembler.rows_accepted
-                summary.errors = assembler.error_rows_accepted
-                summary.rows_resent = assembler.rows_resent
-                for shard_id, shard_table in completed:
-                    in_flight.append(committer.submit(_commit, config, shard_id, shard_table, metadata, schema))
-                in_flight = _collect_finished(in_flight, summary)
-                if _error_budget_exceeded(summary, config.max_error_fraction):
-                    break
-        except Exception as error:  # noqa: BLE001 - only a shard read error is translated; the rest re-raised
-            read_error = _find_cause(error, sources.ShardReadError)
-            if read_error is None:
-                raise
-            # Ray Data appends its retry advice to the exception's message; the first line is ours.
-            reason = str(read_error).split("\n", 1)[0]
-            failure = JobError(
-                f"cannot read input: {reason}. Shards finished before it are committed to "
-                f"{summary.output}; once the input is readable, run the same command again to resume."
-            )
-        for future in in_flight:
-            future.result()
-            summary.shards_committed += 1
+    try:
+        for metadata in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard in tracker.add(metadata):
+                while finalizer.in_flight >= finalizer.max_in_flight:
+                    summary.shards_committed += finalizer.collect(block=True)
+                finalizer.submit(shard)
+            summary.samples = tracker.rows_accepted
+            summary.errors = tracker.error_rows_accepted
+            summary.rows_resent = tracker.rows_resent
+            summary.shards_committed += finalizer.collect(block=False)
+            if _error_budget_exceeded(summary, config.max_error_fraction):
+                break
+    except JobError:
+        raise
+    except Exception as error:  # noqa: BLE001 - only a shard read error is translated; the rest re-raised
+        read_error = _find_cause(error, sources.ShardReadError)
+        if read_error is None:
+            raise
+        # Ray Data appends its retry advice to the exception's message; the first line is ours.
+        reason = str(read_error).split("\n", 1)[0]
+        failure = JobError(
+            f"cannot read input: {reason}. Shards finished before it are committed to "
+            f"{summary.output}; once the input is readable, run the same command again to resume."
+        )
+    while finalizer.in_flight:
+        summary.shards_committed += finalizer.collect(block=True)
     if failure is not None:
         raise failure from None
     if _error_budget_exceeded(summary, config.max_error_fraction):
@@ -429,7 +526,7 @@ def _consume_and_commit(
             f"{summary.shards_committed} finished shards were committed to {summary.output}. "
             "Check the input, or raise --max-error-fraction and run the same command again to resume."
         )
-    incomplete = assembler.pending_shards()
+    incomplete = tracker.pending_shards()
     if incomplete:
         described = ", ".join(
             f"{shard_id} ({received} of {expected if expected is not None else '?'} rows)"
@@ -439,21 +536,6 @@ def _consume_and_commit(
             f"the dataset ended with {len(incomplete)} shard(s) still missing rows: {described}. Their rows were "
             f"lost between stages, so they were not committed; {summary.shards_committed} complete shards were. "
             "Run the same command again to redo the missing shards."
-        )
-
-
-def _commit(
-    config: JobConfig, shard_id: str, table: pa.Table, metadata: dict[str, str], schema: pa.Schema
-) -> None:
-    with _storage_step(f"cannot commit shard {shard_id} to", config.output):
-        commit_shard(
-            config.output,
-            shard_id,
-            table,
-            rows_per_file=config.rows_per_file,
-            metadata=metadata,
-            storage_options=config.storage_options,
-            schema=schema,
         )
 
 
@@ -484,14 +566,3 @@ def _error_budget_exceeded(summary: JobSummary, max_error_fraction: float) -> bo
     if summary.samples < MIN_SAMPLES_FOR_ERROR_BUDGET:
         return False
     return summary.errors / summary.samples > max_error_fraction
-
-
-def _collect_finished(in_flight: list[Future], summary: JobSummary) -> list[Future]:
-    still_running = []
-    for future in in_flight:
-        if future.done():
-            future.result()  # a failed commit stops the job with its storage error
-            summary.shards_committed += 1
-        else:
-            still_running.append(future)
-    return still_running

@@ -1,9 +1,10 @@
 """The output side: the Parquet schema of predictions and embeddings, building result tables, committing shards.
 
 A result table is built on the inference workers with :func:`build_output_table` (vectorised: NumPy buffers become
-Arrow arrays without a Python loop over rows), buffered per shard on the driver by
-:class:`pipeline.manifest.ShardAssembler`, and written by :func:`commit_shard` following the protocol described in
-:mod:`pipeline.manifest`: files appear complete at deterministic names, the commit record comes last.
+Arrow arrays without a Python loop over rows), written as fragments by the writer stage (:mod:`pipeline.writer`), and
+committed by a finalize task with :func:`commit_shard` following the protocol described in :mod:`pipeline.manifest`:
+files appear complete at deterministic names, error rows apart from predictions (:mod:`pipeline.layout`), the commit
+record comes last.
 
 Example::
 
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.failpoints import failpoint
 from pipeline.config import EMBEDDING_DTYPES, ORDINAL_COLUMN, TASKS
-from pipeline.manifest import CommitRecord, OutputLayout, check_shard_id
+from pipeline.layout import CommitRecord, OutputLayout, check_shard_id
 from model.storage import StorageOptions
 
 __all__ = [
@@ -308,18 +309,23 @@ class ParquetShardWriter:
         stored_metadata.update({name.encode(): value.encode() for name, value in self.metadata.items()})
         table = table.replace_schema_metadata(stored_metadata)
 
+        # Rows with an embedding and error rows go to different files: embedding readers (embedding-reader, FAISS
+        # pipelines) cannot stack a null embedding, and every reader of the whole folder still sees both.
+        failed = table.column("error").is_valid()
+        good, bad = table.filter(pc.invert(failed)), table.filter(failed)
         files = []
-        for index, start in enumerate(range(0, table.num_rows, self.rows_per_file)):
+        for index, start in enumerate(range(0, good.num_rows, self.rows_per_file)):
             name = layout.part_name(shard_id, index)
-            data = self._serialize(table.slice(start, self.rows_per_file))
-            layout.publish(name, data, pending_name=layout.pending_name(shard_id, name))
+            layout.data.publish(name, self._serialize(good.slice(start, self.rows_per_file)))
+            files.append(name)
+        if bad.num_rows:
+            name = layout.errors_name(shard_id)
+            layout.data.publish(name, self._serialize(bad))
             files.append(name)
         layout.remove_stale_parts(shard_id, keep=files)
         failpoint("commit.before_record")  # data files published, shard not committed yet
-        error_rows = table.num_rows - table.column("error").null_count
-        record = CommitRecord(shard_id=shard_id, files=files, rows=table.num_rows, error_rows=error_rows)
+        record = CommitRecord(shard_id=shard_id, files=files, rows=table.num_rows, error_rows=bad.num_rows)
         layout.write_commit(record)
-        layout.clean_staging(shard_id)
         logger.debug("committed shard %s: %d rows in %d file(s)", shard_id, record.rows, len(files))
         return record
 

@@ -33,12 +33,13 @@ def start_local_ray() -> None:
 
 
 def read_output(uri: str) -> pa.Table:
-    """All data files under an output prefix, as a reader that globs ``*.parquet`` sees them."""
+    """Every row under an output folder, as a reader of the whole folder (pyarrow/pandas ``dataset(OUT)``, DuckDB
+    ``OUT/**``) sees it: prediction files and the error-row files under ``errors/``."""
     import fsspec
 
     filesystem, path = fsspec.core.url_to_fs(uri)
-    files = sorted(filesystem.glob(f"{path.rstrip('/')}/*.parquet"))
-    assert files, f"no Parquet files under {uri}"
+    files = sorted(filesystem.find(path.rstrip("/")))
+    assert files, f"no files under {uri}"
     return pads.dataset(files, format="parquet", filesystem=filesystem).to_table()
 
 

@@ -195,39 +195,61 @@ def _filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return filesystem, path.rstrip("/")
 
 
+#: Names starting with this live in the bookkeeping folder beside the output (``OUT.job/``), not under ``OUT``.
+BOOK = ".job/"
+
+
+def _join(root: str, name: str) -> str:
+    """``OUT`` + ``.job/commits/a.json`` -> ``OUT.job/commits/a.json``; any other name is under ``OUT``."""
+    return root + name if name.startswith(BOOK) else f"{root}/{name}"
+
+
 def parquet_names(uri: str) -> list[str]:
     """Names of the data files a reader globbing ``*.parquet`` at the output's top level sees."""
     filesystem, root = _filesystem(uri)
     return sorted(path.rsplit("/", 1)[-1] for path in filesystem.glob(f"{root}/*.parquet"))
 
 
-def all_names(uri: str) -> list[str]:
-    """Every file under the output, relative to it."""
+def data_names(uri: str) -> list[str]:
+    """Every file under the output itself (what DuckDB's ``OUT/**`` reads), relative to it."""
     filesystem, root = _filesystem(uri)
+    if not filesystem.exists(root):
+        return []
     return sorted(path[len(root) + 1 :] for path in filesystem.find(root))
+
+
+def all_names(uri: str) -> list[str]:
+    """Every file the job wrote: under the output, and under its bookkeeping folder (prefixed ``.job/``)."""
+    filesystem, root = _filesystem(uri)
+    book = root + BOOK.rstrip("/")
+    names = data_names(uri)
+    if filesystem.exists(book):
+        names += sorted(BOOK + path[len(book) + 1 :] for path in filesystem.find(book))
+    return names
 
 
 def read_table(uri: str, name: str) -> pa.Table:
     filesystem, root = _filesystem(uri)
-    with filesystem.open(f"{root}/{name}", "rb") as handle:
+    with filesystem.open(_join(root, name), "rb") as handle:
         return pq.read_table(io.BytesIO(handle.read()))
 
 
 def read_json(uri: str, name: str) -> Any:
     filesystem, root = _filesystem(uri)
-    return json.loads(filesystem.cat_file(f"{root}/{name}"))
+    return json.loads(filesystem.cat_file(_join(root, name)))
 
 
 def modification_times(uri: str, names: Sequence[str]) -> dict[str, Any]:
     filesystem, root = _filesystem(uri)
-    return {name: filesystem.modified(f"{root}/{name}") for name in names}
+    return {name: filesystem.modified(_join(root, name)) for name in names}
 
 
 def committed_shards(uri: str) -> list[str]:
     filesystem, root = _filesystem(uri)
-    if not filesystem.exists(f"{root}/_commits"):
+    commits = _join(root, f"{BOOK}commits")
+    if not filesystem.exists(commits):
         return []
-    return sorted(path.rsplit("/", 1)[-1][: -len(".json")] for path in filesystem.glob(f"{root}/_commits/*.json"))
+    return sorted(path.rsplit("/", 1)[-1][: -len(".json")] for path in filesystem.glob(f"{commits}/*.json"))
 
 
 def assert_tables_equal(actual: pa.Table, expected: pa.Table, *, context: str) -> None:
@@ -257,25 +279,21 @@ def _flat_floats(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def assert_visible_files_match(actual_uri: str, reference_uri: str) -> None:
-    """Every ``*.parquet`` a reader can see now is complete: readable, and equal to the clean run's file of that name.
-
-    Also at any depth: files still being written locally live under ``_staging/`` and end in ``.pending``.
-    """
-    filesystem, root = _filesystem(actual_uri)
-    deep = sorted(path[len(root) + 1 :] for path in filesystem.glob(f"{root}/**/*.parquet"))
-    top = parquet_names(actual_uri)
-    assert deep == top, f"parquet files below the top level: {sorted(set(deep) - set(top))}"
-    expected = set(parquet_names(reference_uri))
-    assert set(top) <= expected, f"unexpected data files {sorted(set(top) - expected)}"
-    for name in top:
+    """Every file a reader can see under the output now is complete: readable Parquet, and equal to the clean run's
+    file of that name. Files still being written live beside the output (``OUT.job/staging/``), never under it."""
+    names = data_names(actual_uri)
+    assert all(name.endswith((".parquet", ".errors")) for name in names), f"non-Parquet files under the output: {names}"
+    expected = set(data_names(reference_uri))
+    assert set(names) <= expected, f"unexpected data files {sorted(set(names) - expected)}"
+    for name in names:
         assert_tables_equal(read_table(actual_uri, name), read_table(reference_uri, name), context=name)
 
 
 def assert_same_output(actual_uri: str, reference_uri: str) -> None:
     """The finished output equals the clean run's: same data files with the same rows, same commit records and
-    manifest totals, ``_SUCCESS`` present; the Parquet metadata too, less the job arguments (another ``--output``)."""
-    assert parquet_names(actual_uri) == parquet_names(reference_uri)
-    for name in parquet_names(reference_uri):
+    manifest totals, ``SUCCESS`` present, no scratch files left; the Parquet metadata too, less the job arguments (another ``--output``)."""
+    assert data_names(actual_uri) == data_names(reference_uri)
+    for name in data_names(reference_uri):
         actual, expected = read_table(actual_uri, name), read_table(reference_uri, name)
         assert_tables_equal(actual, expected, context=name)
         metadata = dict(actual.schema.metadata or {})
@@ -285,11 +303,13 @@ def assert_same_output(actual_uri: str, reference_uri: str) -> None:
         assert metadata == expected_metadata, name
     assert committed_shards(actual_uri) == committed_shards(reference_uri)
     for shard_id in committed_shards(reference_uri):
-        name = f"_commits/{shard_id}.json"
+        name = f"{BOOK}commits/{shard_id}.json"
         assert read_json(actual_uri, name) == read_json(reference_uri, name)
     names = all_names(actual_uri)
-    assert "_SUCCESS" in names and "_manifest.json" in names and not any(n.startswith("_staging") for n in names)
-    manifest, expected_manifest = read_json(actual_uri, "_manifest.json"), read_json(reference_uri, "_manifest.json")
+    assert f"{BOOK}SUCCESS" in names and f"{BOOK}manifest.json" in names
+    assert not any(n.startswith((f"{BOOK}staging", f"{BOOK}fragments")) for n in names), names
+    manifest = read_json(actual_uri, f"{BOOK}manifest.json")
+    expected_manifest = read_json(reference_uri, f"{BOOK}manifest.json")
     assert manifest["totals"] == expected_manifest["totals"]
     assert manifest["files"] == expected_manifest["files"]
     assert manifest["fingerprint"] == expected_manifest["fingerprint"]
@@ -348,7 +368,7 @@ def reference_job(tmp_path_factory: Any, s3_endpoint: str) -> ReferenceJob:
         job = ReferenceJob(bucket, job.input, model, output, samples, time.monotonic() - started)
     finally:
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
-    rows = sum(read_table(output, name).num_rows for name in parquet_names(output))
+    rows = sum(read_table(output, name).num_rows for name in data_names(output))
     assert rows == len(samples)
     return job
 

@@ -283,7 +283,7 @@ def test_job_on_a_cluster_with_no_gpu_worker_running_grows_to_the_gpu_maximum(
     summary = run_job(config)
 
     assert summary.status == "succeeded" and summary.samples == count
-    assert json.loads((tmp_path / "out" / "_job.json").read_text())["fingerprint"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out.job" / "job.json").read_text())["fingerprint"]["dtype"] == "bfloat16"
     assert ray.cluster_resources().get("GPU", 0) == GPU_NODES  # the autoscaler was asked for the pool's GPUs
     from ray._private.state import actors
 

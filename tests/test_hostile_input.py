@@ -30,9 +30,9 @@ from tests.corpus import _put
 from tests.reliability import (
     assert_no_traceback,
     committed_shards,
+    data_names,
     error_line,
     make_checkpoint,
-    parquet_names,
     read_table,
     run_job,
 )
@@ -158,18 +158,19 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     assert message.startswith("aborted:") and "--max-error-fraction 0.5" in message and str(output) in message
     committed_at_abort = committed_shards(str(output))
     assert committed_at_abort and len(committed_at_abort) < 6, committed_at_abort
-    assert not (output / "_SUCCESS").exists()
-    assert json.loads((output / "_summary.json").read_text())["status"] == "aborted"
-    stamps = {shard: (output / "_commits" / f"{shard}.json").stat().st_mtime_ns for shard in committed_at_abort}
+    book = output.parent / f"{output.name}.job"  # the bookkeeping lives beside the output
+    assert not (book / "SUCCESS").exists()
+    assert json.loads((book / "summary.json").read_text())["status"] == "aborted"
+    stamps = {shard: (book / "commits" / f"{shard}.json").stat().st_mtime_ns for shard in committed_at_abort}
 
     resumed = run_job([*args, "--max-error-fraction", "1.0"], ray_tmpdir=ray_tmpdir)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert (output / "_SUCCESS").exists()
-    assert {s: (output / "_commits" / f"{s}.json").stat().st_mtime_ns for s in committed_at_abort} == stamps
-    summary = json.loads((output / "_summary.json").read_text())
+    assert (book / "SUCCESS").exists()
+    assert {s: (book / "commits" / f"{s}.json").stat().st_mtime_ns for s in committed_at_abort} == stamps
+    summary = json.loads((book / "summary.json").read_text())
     assert summary["shards_skipped"] == len(committed_at_abort)
 
-    table = pa.concat_tables([read_table(str(output), name) for name in parquet_names(str(output))])
+    table = pa.concat_tables([read_table(str(output), name) for name in data_names(str(output))])
     rows = table.select(["source", "key", "error", "label"]).to_pylist()
     # The truncated shard: the samples read before the cut, then one row standing for the unreadable rest.
     truncated_rows = len(survivors) + 1
@@ -219,7 +220,7 @@ def test_hostile_parquet_rows_give_one_row_each(model: str, ray_tmpdir: str, tmp
         ray_tmpdir=ray_tmpdir,
     )
     assert finished.returncode == 0, finished.stderr[-5000:]
-    table = pa.concat_tables([read_table(str(output), name) for name in parquet_names(str(output))])
+    table = pa.concat_tables([read_table(str(output), name) for name in data_names(str(output))])
     rows = sorted(table.select(["key", "error"]).to_pylist(), key=lambda row: (row["key"], row["error"] or ""))
     errors = {row["key"]: row["error"] for row in rows}
     assert Counter(row["key"] for row in rows) == Counter(keys)

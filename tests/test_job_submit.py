@@ -102,4 +102,4 @@ def test_ray_job_submit_classifies_images_on_s3(ray_cluster: str, s3_bucket: str
     expected_by_key = expected_predictions(str(checkpoint), by_key, fast=True, top_k=3)
     expected = {(source, key): expected_by_key[key] for (source, key) in samples if key in expected_by_key}
     check_rows(read_output(output), samples, expected)
-    assert fsspec.filesystem("s3").exists(f"{s3_bucket}/predictions/_SUCCESS")
+    assert fsspec.filesystem("s3").exists(f"{s3_bucket}/predictions.job/SUCCESS")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.manifest import (
@@ -18,15 +19,26 @@ from pipeline.manifest import (
     OutputConflictError,
     OutputLayout,
     OutputState,
-    ShardAssembler,
-    ShardAssemblyError,
     sanitize_arguments,
 )
+from pipeline.layout import StorageFolder
 from pipeline.sink import ParquetShardWriter, build_output_table, commit_shard
 
 FAKE_SECRET = "FAKE-SECRET-7f3c9a1e-do-not-store"
 HIDDEN = 4
-PLAN = [{"shard_id": "s0", "source": "s3://in/a.tar"}, {"shard_id": "s1", "source": "s3://in/b.tar"}]
+PLAN = [
+    {"shard_id": "s0", "format": "webdataset", "uri": "s3://in/a.tar"},
+    {"shard_id": "s1", "format": "webdataset", "uri": "s3://in/b.tar"},
+]
+
+
+def plan_dicts(state: OutputState) -> list[dict]:
+    """The stored plan as the dicts it was made from (unset optional fields dropped)."""
+    return [{k: v for k, v in row.items() if v not in (None, "", [])} for row in state.plan.to_pylist()]
+
+
+def book(out: str) -> Path:
+    return Path(f"{out}.job")
 
 
 def fingerprint(**changes: object) -> JobFingerprint:
@@ -57,13 +69,6 @@ def embed_table(rows: int | list[int], *, shard_id: str = "s0") -> pa.Table:
     )
 
 
-def with_bookkeeping(table: pa.Table, shard_id: str, shard_rows: int) -> pa.Table:
-    """Add the columns the driver receives: ``shard_id`` on every row, ``shard_rows`` on the shard's last row."""
-    ordinals = table.column("ordinal").to_numpy()
-    totals = pa.array([shard_rows if o == shard_rows - 1 else None for o in ordinals], pa.int64())
-    return table.append_column("shard_id", pa.array([shard_id] * table.num_rows)).append_column("shard_rows", totals)
-
-
 def files_under(root: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
 
@@ -88,21 +93,25 @@ def test_first_open_records_fingerprint_plan_and_sanitised_arguments(tmp_path: P
     arguments = {"output_uri": out, "storage_options": {"secret": FAKE_SECRET}, "batch_size": 64}
     state = OutputState.open(out, fingerprint(), PLAN, arguments)
     assert not state.resumed and state.committed_shard_ids == set()
-    assert state.pending_shards == PLAN
-    job = json.loads(Path(out, "_job.json").read_text())
+    assert plan_dicts(state) == PLAN and state.pending_plan().num_rows == 2
+    job = json.loads(book(out).joinpath("job.json").read_text())
     assert job["fingerprint"] == fingerprint().to_dict()
-    assert job["shard_plan"] == PLAN
+    assert job["shards"] == 2 and "shard_plan" not in job  # the plan is data, beside it
+    assert pq.read_table(book(out) / "plan.parquet").column("uri").to_pylist() == ["s3://in/a.tar", "s3://in/b.tar"]
+    assert not Path(out).exists() or not list(Path(out).iterdir())  # nothing but Parquet data ever goes under OUT
     assert job["arguments"] == {"output_uri": out, "storage_options": {"secret": "***"}, "batch_size": 64}
 
 
 def test_resume_uses_the_recorded_plan_not_a_new_listing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = str(tmp_path / "out")
     OutputState.open(out, fingerprint(), PLAN, {})
-    grown = [*PLAN, {"shard_id": "s2", "source": "s3://in/c.tar"}]
+
+    def listing() -> list[dict]:
+        raise AssertionError("a resume must not list the input again")
+
     with caplog.at_level(logging.WARNING):
-        state = OutputState.open(out, fingerprint(model_uri="/copy/of/the/same/weights"), grown, {})
-    assert state.resumed and state.shard_plan == PLAN
-    assert "1 shard(s) not in the recorded plan" in caplog.text
+        state = OutputState.open(out, fingerprint(model_uri="/copy/of/the/same/weights"), listing, {})
+    assert state.resumed and plan_dicts(state) == PLAN
     assert "model_uri changed" in caplog.text
 
 
@@ -124,7 +133,7 @@ def test_job_files_without_a_job_record_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "part-s0-00000.parquet").write_bytes(b"not ours to judge")
-    with pytest.raises(OutputConflictError, match="no _job.json"):
+    with pytest.raises(OutputConflictError, match="no job.json"):
         OutputState.open(str(out), fingerprint(), PLAN, {})
 
 
@@ -134,8 +143,10 @@ def test_overwrite_deletes_only_what_the_job_owns(tmp_path: Path) -> None:
     for shard in PLAN:
         commit_shard(out, shard["shard_id"], embed_table(3), rows_per_file=2, metadata={})
     state.finish({"samples": 6})
-    Path(out, "_staging", "s9").mkdir(parents=True)
-    Path(out, "_staging", "s9", "part-s9-00000.parquet.pending").write_bytes(b"half")
+    book(out).joinpath("staging").mkdir(parents=True)
+    book(out).joinpath("staging", "x-part-s9-00000.parquet.pending").write_bytes(b"half")
+    Path(out, "errors").mkdir()
+    Path(out, "errors", "part-s9.errors").write_bytes(b"left by a crashed attempt")
     user_files = {
         "notes.txt": b"keep me",
         "mine.parquet": b"user data",
@@ -151,7 +162,8 @@ def test_overwrite_deletes_only_what_the_job_owns(tmp_path: Path) -> None:
     state = OutputState.open(out, fingerprint(dtype="float32"), PLAN, {}, overwrite=True)
 
     assert not state.resumed
-    assert files_under(out) == sorted(["_job.json", *user_files])
+    assert files_under(out) == sorted(user_files)
+    assert files_under(str(book(out))) == ["job.json", "plan.parquet"]
     for name, data in user_files.items():
         assert Path(out, name).read_bytes() == data
 
@@ -160,14 +172,14 @@ def test_committed_shards_are_skipped_and_staging_leftovers_cleaned(tmp_path: Pa
     out = str(tmp_path / "out")
     OutputState.open(out, fingerprint(), PLAN, {})
     commit_shard(out, "s0", embed_table(3), rows_per_file=10, metadata={})
-    leftovers = [Path(out, "_staging/s1/part-s1-00000.parquet.pending"), Path(out, "_staging/_tmp/x.pending")]
+    leftovers = [book(out) / "staging/x-part-s1-00000.parquet.pending", book(out) / "fragments/s1/0a.parquet"]
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")
 
     state = OutputState.open(out, fingerprint(), PLAN, {})
     assert state.committed_shard_ids == {"s0"}
-    assert [shard["shard_id"] for shard in state.pending_shards] == ["s1"]
+    assert state.pending_plan().column("shard_id").to_pylist() == ["s1"]
     assert not any(path.exists() for path in leftovers)
 
 
@@ -175,11 +187,11 @@ def test_stale_extra_part_files_are_deleted_before_the_commit_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = str(tmp_path / "out")
-    OutputState.open(out, fingerprint(), [{"shard_id": "a"}, {"shard_id": "a-1"}], {})
+    OutputState.open(out, fingerprint(), [{**PLAN[0], "shard_id": "a"}, {**PLAN[0], "shard_id": "a-1"}], {})
     neighbour = commit_shard(out, "a-1", embed_table(3), rows_per_file=1, metadata={})  # part-a-1-0000N: not a's
     # A crashed attempt at shard "a" with rows_per_file=2 left three files and no commit record.
     commit_shard(out, "a", embed_table(5), rows_per_file=2, metadata={})
-    Path(out, "_commits", "a.json").unlink()
+    book(out).joinpath("commits", "a.json").unlink()
 
     present_at_commit: list[list[str]] = []
     real_write_commit = OutputLayout.write_commit
@@ -190,7 +202,7 @@ def test_stale_extra_part_files_are_deleted_before_the_commit_record(
 
     monkeypatch.setattr(OutputLayout, "write_commit", spy)
     state = OutputState.open(out, fingerprint(), [], {})
-    assert state.committed_shard_ids == {"a-1"}
+    assert state.committed_shard_ids == {"a-1"} and state.resumed
     record = commit_shard(out, "a", embed_table(5), rows_per_file=10, metadata={})
 
     assert record.files == ["part-a-00000.parquet"]
@@ -203,8 +215,7 @@ def test_stale_extra_part_files_are_deleted_before_the_commit_record(
 def test_manifest_summary_and_success_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = str(tmp_path / "out")
     state = OutputState.open(out, fingerprint(), PLAN, {})
-    record = commit_shard(out, "s0", embed_table(3), rows_per_file=2, metadata={})
-    state.mark_committed(record)
+    commit_shard(out, "s0", embed_table(3), rows_per_file=2, metadata={})
     with pytest.raises(RuntimeError, match=r"1 shard\(s\) not committed"):
         state.write_manifest()
     table = embed_table(4)
@@ -213,24 +224,28 @@ def test_manifest_summary_and_success_at_the_end(tmp_path: Path, monkeypatch: py
     assert not state.is_complete
 
     written: list[str] = []
-    real_publish = OutputLayout.publish
+    real_publish = StorageFolder.publish
     monkeypatch.setattr(
-        OutputLayout, "publish", lambda self, name, *a, **k: (written.append(name), real_publish(self, name, *a, **k))
+        StorageFolder, "publish", lambda self, name, *a, **k: (written.append(name), real_publish(self, name, *a, **k))
     )
     manifest = state.finish({"samples": 7, "errors": 1, "seconds": 2.0, "images_per_s": 3.5})
 
-    assert state.is_complete and written == ["_manifest.json", "_summary.json"]
-    assert Path(out, "_SUCCESS").stat().st_mtime_ns >= Path(out, "_summary.json").stat().st_mtime_ns
-    assert manifest == json.loads(Path(out, "_manifest.json").read_text())
-    assert manifest["totals"] == {"shards": 2, "rows": 7, "error_rows": 1, "files": 4}
-    assert [shard["input"] for shard in manifest["shards"]] == PLAN
+    assert state.is_complete and written == ["manifest.json", "summary.json"]
+    assert book(out).joinpath("SUCCESS").stat().st_mtime_ns >= book(out).joinpath("summary.json").stat().st_mtime_ns
+    assert manifest == json.loads(book(out).joinpath("manifest.json").read_text())
+    assert manifest["totals"] == {"shards": 2, "rows": 7, "error_rows": 1, "files": 5}
+    assert [shard["input"] for shard in manifest["shards"]] == [
+        {"uri": shard["uri"], "name": "", "format": "webdataset"} for shard in PLAN
+    ]
     assert manifest["files"] == [
-        "part-s0-00000.parquet", "part-s0-00001.parquet", "part-s1-00000.parquet", "part-s1-00001.parquet"
+        "part-s0-00000.parquet", "part-s0-00001.parquet", "part-s1-00000.parquet", "part-s1-00001.parquet",
+        "errors/part-s1.errors",
     ]  # fmt: skip
     assert manifest["fingerprint"]["weights_sha256"] == "cd" * 32
     assert {"created_at", "started_at", "finished_at"} <= set(manifest)
-    assert json.loads(Path(out, "_summary.json").read_text())["images_per_s"] == 3.5
-    assert not Path(out, "_staging").exists()
+    assert json.loads(book(out).joinpath("summary.json").read_text())["images_per_s"] == 3.5
+    assert not book(out).joinpath("staging").exists() and not book(out).joinpath("fragments").exists()
+    assert {path.suffix for path in Path(out).rglob("*") if path.is_file()} == {".parquet", ".errors"}
 
 
 def test_resume_and_overwrite_on_s3(s3_bucket: str) -> None:
@@ -247,106 +262,12 @@ def test_resume_and_overwrite_on_s3(s3_bucket: str) -> None:
     assert state.committed_shard_ids == {"s0"}
     record = commit_shard(out, "s1", embed_table(2), rows_per_file=5, metadata={})
     assert record.files == ["part-s1-00000.parquet"]
-    keys = {item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"]}
-    assert "out/part-s1-00004.parquet" not in keys and "out/_commits/s1.json" in keys
+    keys = {item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="out")["Contents"]}
+    assert "out/part-s1-00004.parquet" not in keys and "out.job/commits/s1.json" in keys
 
     OutputState.open(out, fingerprint(dtype="float32"), PLAN, {}, overwrite=True)
-    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")["Contents"])
-    assert keys == ["out/_job.json", "out/notes.txt"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Shard assembly
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def result_rows(sizes: dict[str, int]) -> pa.Table:
-    """All result rows of several shards, as the inference stage would emit them."""
-    return pa.concat_tables(
-        [with_bookkeeping(embed_table(rows, shard_id=shard_id), shard_id, rows) for shard_id, rows in sizes.items()]
-    )
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_assembler_completes_each_shard_once_in_any_arrival_order(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    sizes = {"s0": 1, "s1": 7, "s2": 30, "s3": 12}
-    rows = result_rows(sizes)
-    rows = rows.take(pa.array(rng.permutation(rows.num_rows)))
-    cuts = np.sort(rng.choice(np.arange(1, rows.num_rows), size=8, replace=False))
-    assembler = ShardAssembler()
-    completed: dict[str, pa.Table] = {}
-    for start, stop in zip([0, *cuts], [*cuts, rows.num_rows]):
-        for shard_id, table in assembler.add(rows.slice(start, stop - start)):
-            assert shard_id not in completed
-            completed[shard_id] = table
-    assert {shard_id: table.num_rows for shard_id, table in completed.items()} == sizes
-    for shard_id, table in completed.items():
-        assert "shard_id" not in table.column_names and "shard_rows" not in table.column_names
-        assert sorted(table.column("ordinal").to_pylist()) == list(range(sizes[shard_id]))
-        assert all(key.startswith(f"{shard_id}/") for key in table.column("key").to_pylist())
-    assert assembler.buffered_rows == 0 and assembler.pending_shards() == {}
-
-
-def test_assembler_reports_pending_shards_and_buffered_rows() -> None:
-    rows = result_rows({"s0": 4, "s1": 3})
-    assembler = ShardAssembler()
-    assert assembler.add(rows.slice(0, 2)) == []
-    assert assembler.add(rows.slice(4, 2)) == []  # s1 ordinals 0, 1: its total is still unknown
-    assert assembler.pending_shards() == {"s0": (2, None), "s1": (2, None)}
-    assert assembler.buffered_rows == 4 and assembler.buffered_bytes > 0
-    assert [shard_id for shard_id, _ in assembler.add(rows.slice(6, 1))] == ["s1"]
-    assert assembler.pending_shards() == {"s0": (2, None)}
-
-
-def test_assembler_releases_memory_after_completion() -> None:
-    gc.collect()
-    before = pa.total_allocated_bytes()
-    rows = result_rows({"big": 5000})
-    assembler = ShardAssembler()
-    # Independent copies, as batches arriving from Ray are: none shares a buffer with another.
-    parts = [rows.slice(start, 1000).take(pa.array(np.arange(1000))) for start in range(0, 5000, 1000)]
-    del rows
-    done = [assembler.add(part) for part in parts[::-1]]
-    del parts
-    assert [len(batch) for batch in done] == [0, 0, 0, 0, 1]
-    assert assembler.buffered_rows == 0
-    while_held = pa.total_allocated_bytes()
-    assert while_held - before > 5000 * HIDDEN * 4
-    del done
-    gc.collect()
-    assert pa.total_allocated_bytes() - before < 64 * 1024
-
-
-@pytest.mark.parametrize(
-    ("batches", "match"),
-    [
-        # (ordinals, key prefix): a re-sent ordinal with another sample's key is a bug upstream, not a retry.
-        ([([0], "s0"), ([0], "other")], r"ordinal 0 arrived twice with different samples"),
-        ([([0, 1], "s0"), ([1, 2], "other")], r"ordinal 1 arrived twice with different samples"),
-        ([([0, 1, 2], "s0"), ([3], "s0")], "arrived after the shard was complete with 3 rows"),
-        ([([0, 1, 2, 5], "s0")], "beyond the shard's 3 rows"),
-    ],
-)
-def test_assembler_refuses_conflicting_and_out_of_range_rows(batches: list[tuple[list[int], str]], match: str) -> None:
-    # Identical re-sent rows are dropped instead (tests/test_faults.py); see ShardAssembler's docstring.
-    assembler = ShardAssembler()
-    with pytest.raises(ShardAssemblyError, match=match):
-        for ordinals, key_prefix in batches:
-            assembler.add(with_bookkeeping(embed_table(ordinals, shard_id=key_prefix), "s0", 3))
-
-
-def test_assembler_refuses_a_shard_row_count_below_one() -> None:
-    # A shard always has at least one row (an empty input yields an error row upstream); 0 is a bug upstream.
-    table = embed_table(1)
-    table = table.append_column("shard_id", pa.array(["s0"])).append_column("shard_rows", pa.array([0], pa.int64()))
-    with pytest.raises(ShardAssemblyError, match="shard_rows=0"):
-        ShardAssembler().add(table)
-
-
-def test_assembler_requires_bookkeeping_columns() -> None:
-    with pytest.raises(ValueError, match="lacks bookkeeping column"):
-        ShardAssembler().add(embed_table(2))
+    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="out")["Contents"])
+    assert keys == ["out.job/job.json", "out.job/plan.parquet", "out/notes.txt"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,15 +317,16 @@ def test_sanitize_arguments_masks_a_secret_everywhere() -> None:
 def test_no_secret_reaches_job_files_or_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = str(tmp_path / "out")
     arguments = {"input_uri": f"s3://user:{FAKE_SECRET}@b/in", "storage_options": {"secret": FAKE_SECRET}}
-    plan = [{"shard_id": "s0", "source": f"s3://user:{FAKE_SECRET}@b/in/a.tar"}]
+    plan = [{"shard_id": "s0", "format": "webdataset", "uri": f"s3://user:{FAKE_SECRET}@b/in/a.tar"}]
     with caplog.at_level(logging.DEBUG):
         state = OutputState.open(out, fingerprint(), plan, arguments)
         commit_shard(out, "s0", embed_table(2), rows_per_file=1, metadata=state.parquet_metadata)
         state.finish({"samples": 2, "storage_options": {"secret": FAKE_SECRET}})
         OutputState.open(out, fingerprint(), plan, arguments)
     assert FAKE_SECRET not in caplog.text
-    for name in files_under(out):
-        assert FAKE_SECRET.encode() not in Path(out, name).read_bytes(), name
+    for root in (out, str(book(out))):
+        for name in files_under(root):
+            assert FAKE_SECRET.encode() not in Path(root, name).read_bytes(), name
 
 
 def test_shard_plan_keeps_paths_and_loses_only_uri_credentials(tmp_path: Path) -> None:
@@ -412,19 +334,29 @@ def test_shard_plan_keeps_paths_and_loses_only_uri_credentials(tmp_path: Path) -
     plan = [
         {
             "shard_id": "images-000000-abc",
+            "format": "images",
             "uri": f"https://reader:{FAKE_SECRET}@images.example.com/base",
-            "members": ["cats/session=3/token_cat.jpg", "key=value.png"],
+            "members": ["cats/session=3/token_cat.jpg", "key=value.png", f"s3://u:{FAKE_SECRET}@b/x.jpg?a=1"],
             "id_column": None,
         }
     ]
     OutputState.open(out, fingerprint(), plan, {})
     state = OutputState.open(out, fingerprint(), plan, {})
-    assert state.shard_plan == [{**plan[0], "uri": "https://images.example.com/base"}]
-    assert FAKE_SECRET not in Path(out, "_job.json").read_text()
+    members = ["cats/session=3/token_cat.jpg", "key=value.png", "s3://b/x.jpg?a=1"]
+    expected = {"shard_id": "images-000000-abc", "format": "images", "uri": "https://images.example.com/base"}
+    assert plan_dicts(state) == [{**expected, "members": members}]
+    for name in ("job.json", "plan.parquet"):
+        assert FAKE_SECRET.encode() not in book(out).joinpath(name).read_bytes()
 
 
 def test_reprs_never_show_storage_options(tmp_path: Path) -> None:
     options = {"secret": FAKE_SECRET}
-    state = OutputState.open(str(tmp_path), fingerprint(), PLAN, {"storage_options": options}, storage_options=options)
+    out = str(tmp_path / "out")
+    state = OutputState.open(out, fingerprint(), PLAN, {"storage_options": options}, storage_options=options)
     writer_repr = repr(ParquetShardWriter(str(tmp_path), rows_per_file=1, storage_options=options))
     assert FAKE_SECRET not in repr(state) and FAKE_SECRET not in writer_repr
+
+
+def test_a_bucket_root_is_refused_as_output() -> None:
+    with pytest.raises(OutputConflictError, match="bucket root"):
+        OutputState.open("s3://some-bucket/", fingerprint(), PLAN, {})

@@ -97,9 +97,11 @@ def test_output_records_provenance_and_summary(local_ray: None, checkpoint: str,
     summary = run_job(JobConfig(task="classify", input=input_spec, output=str(output), model=checkpoint,
                                 embedding_dtype="float16", normalize_embeddings=True))
 
-    written = json.loads((output / "_summary.json").read_text())
+    book = tmp_path / "out.job"  # the bookkeeping lives beside the output, which holds only Parquet
+    written = json.loads((book / "summary.json").read_text())
     assert written["samples"] == summary.samples == len(samples)
-    assert (output / "_SUCCESS").exists() and (output / "_manifest.json").exists()
+    assert (book / "SUCCESS").exists() and (book / "manifest.json").exists()
+    assert {path.suffix for path in output.rglob("*") if path.is_file()} <= {".parquet", ".errors"}
     parquet_file = sorted(output.glob("*.parquet"))[0]
     metadata = {key.decode(): value.decode() for key, value in pq.read_schema(parquet_file).metadata.items()}
     assert metadata["model_uri"] == checkpoint

@@ -3,15 +3,15 @@ the clean run's output: the same files with the same rows, every committed shard
 
 The job runs as ``python -m jobs.classify`` in a subprocess with its own in-process Ray (tests/reliability.py), so
 the SIGKILL takes the driver and, through Ray's fate sharing, the whole local cluster down with it. The stages are
-hit deterministically with :mod:`pipeline.failpoints`: a read task or an inference actor pauses at a named point
-(the test waits for its marker file, then kills the driver from outside), or the driver kills itself between
-publishing a shard's data files and writing its commit record, and between the manifest and ``_SUCCESS``. Each
+hit deterministically with :mod:`pipeline.failpoints`: a read task, an inference actor or a finalize task (between
+publishing a shard's data files and writing its commit record) pauses at a named point (the test waits for its
+marker file, then kills the driver from outside), or the driver kills itself between the manifest and ``SUCCESS``.
+Each
 rerun resumes the previous one, so the last run finishes a job that was killed four times.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ import pytest
 
 from tests.reliability import (
     OrphanWatch,
+    BOOK,
     all_names,
     assert_no_traceback,
     assert_same_output,
@@ -82,8 +83,8 @@ def orphans():
 def files_of_committed_shards(output: str) -> list[str]:
     names = []
     for shard_id in committed_shards(output):
-        names.append(f"_commits/{shard_id}.json")
-        names.extend(read_json(output, f"_commits/{shard_id}.json")["files"])
+        names.append(f"{BOOK}commits/{shard_id}.json")
+        names.extend(read_json(output, f"{BOOK}commits/{shard_id}.json")["files"])
     return names
 
 
@@ -92,7 +93,7 @@ def files_of_committed_shards(output: str) -> list[str]:
 STAGES = [
     ("reading", "read.batch=1:pause@{marker}", "external"),
     ("inference", "infer.batch=5:pause@{marker}", "external"),
-    ("writing", "commit.before_record=1", "self"),
+    ("writing", "commit.before_record:pause@{marker}", "external"),
     ("finishing", "finish.before_success", "self"),
 ]
 
@@ -127,19 +128,19 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, or
 
         # What a reader sees right after the kill: only complete files, each equal to the clean run's.
         names = all_names(output)
-        assert "_job.json" in names and "_SUCCESS" not in names, (stage, names)
+        assert f"{BOOK}job.json" in names and f"{BOOK}SUCCESS" not in names, (stage, names)
         assert_visible_files_match(output, clean_run.output)
         for shard_id in committed_shards(output):
-            name = f"_commits/{shard_id}.json"
+            name = f"{BOOK}commits/{shard_id}.json"
             assert read_json(output, name) == read_json(clean_run.output, name), (stage, shard_id)
         # Shards committed by earlier runs were not redone: their records and files were not written again.
         assert modification_times(output, before) == stamps, stage
         if stage == "writing":
-            uncommitted = {name for name in names if name.endswith(".parquet")} - set(files_of_committed_shards(output))
+            uncommitted = {name for name in names if not name.startswith(BOOK)} - set(files_of_committed_shards(output))
             assert uncommitted, "the kill between data files and commit record left no uncommitted data file"
         if stage == "finishing":
             assert len(committed_shards(output)) == len(committed_shards(clean_run.output))
-            assert "_manifest.json" in names
+            assert f"{BOOK}manifest.json" in names
 
     before = files_of_committed_shards(output)
     stamps = modification_times(output, before)
@@ -147,7 +148,7 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, or
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert modification_times(output, before) == stamps
     assert_same_output(output, clean_run.output)
-    summary = json.loads((Path(output) / "_summary.json").read_text())
+    summary = read_json(output, f"{BOOK}summary.json")
     assert summary["shards_skipped"] == len(committed_shards(clean_run.output))  # everything was committed already
     assert summary["samples"] == 0 and summary["status"] == "succeeded"
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import manifest
+from pipeline import layout
 from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.sink import ParquetShardWriter, build_output_table, commit_shard, output_schema
 from model.storage import filesystem_for
@@ -51,6 +51,10 @@ def classify_table(
         embedding_dtype=embedding_dtype,
         normalize_embeddings=normalize,
     )
+
+
+def plan(*shard_ids: str) -> list[dict]:
+    return [{"shard_id": shard_id, "format": "webdataset", "uri": f"s3://in/{shard_id}.tar"} for shard_id in shard_ids]
 
 
 def fingerprint() -> JobFingerprint:
@@ -224,18 +228,22 @@ def test_embedding_column_reads_back_in_pyarrow_and_pandas(tmp_path: Path) -> No
     schema = output_schema("classify", HIDDEN, "float16")
     table = classify_table(6, error_at=(2,), embedding_dtype="float16", normalize=True)
     record = commit_shard(out, "shard-0", table, rows_per_file=100, metadata={}, schema=schema)
-    path = os.path.join(out, record.files[0])
-
-    read = pq.read_table(path)
+    assert record.files == ["part-shard-0-00000.parquet", "errors/part-shard-0.errors"]
+    read = pq.read_table(os.path.join(out, "part-shard-0-00000.parquet"))
     assert read.schema.remove_metadata() == schema
     assert read.column("embedding").type == pa.list_(pa.float16(), HIDDEN)
-    assert read.equals(table.drop_columns(["ordinal"]))  # every value, nulls included, round-trips
+    assert read.column("embedding").null_count == 0  # error rows live apart: embedding readers can stack these
+    expected = table.drop_columns(["ordinal"])
+    assert read.equals(expected.filter(pa.array([i != 2 for i in range(6)])))
+    errors = pq.read_table(os.path.join(out, "errors", "part-shard-0.errors"))
+    assert errors.equals(expected.slice(2, 1))  # every value, nulls included, round-trips
 
-    frame = pd.read_parquet(path)
+    frame = pd.read_parquet(out).sort_values("key").reset_index(drop=True)  # the whole folder: every row once
     assert len(frame) == 6
     assert len(frame["embedding"][0]) == HIDDEN
-    assert frame["embedding"][2] is None
-    assert pd.isna(frame["label"][2]) and frame["error"][2] == "cannot decode img-00002"
+    failed = frame[frame["error"].notna()]
+    assert list(failed["key"]) == ["img-00002"] and failed["embedding"].iloc[0] is None
+    assert pd.isna(failed["label"].iloc[0]) and failed["error"].iloc[0] == "cannot decode img-00002"
 
 
 def test_duckdb_reads_the_output(tmp_path: Path) -> None:
@@ -248,7 +256,7 @@ def test_duckdb_reads_the_output(tmp_path: Path) -> None:
         )  # fmt: skip
         rows = duckdb.sql(
             f"SELECT key, len(embedding) AS dims, label, topk_labels[1] AS top1, error "
-            f"FROM read_parquet('{out}-{dtype}/*.parquet') ORDER BY key"
+            f"FROM read_parquet('{out}-{dtype}/**') ORDER BY key"
         ).fetchall()
         assert [row[0] for row in rows] == [f"img-{i:05d}" for i in range(5)]
         assert [row[1] for row in rows] == [HIDDEN, None, HIDDEN, HIDDEN, HIDDEN]
@@ -282,13 +290,13 @@ def test_rows_are_sorted_by_ordinal_and_split_by_rows_per_file(tmp_path: Path) -
     keys = [key for name in record.files for key in pq.read_table(os.path.join(out, name)).column("key").to_pylist()]
     assert keys == [f"img-{i:05d}" for i in range(10)]
     assert "ordinal" not in pq.read_schema(os.path.join(out, record.files[0])).names
-    assert json.loads(Path(out, "_commits", "shard-7.json").read_text()) == {
+    assert json.loads(Path(f"{out}.job", "commits", "shard-7.json").read_text()) == {
         "shard_id": "shard-7",
         "files": record.files,
         "rows": 10,
         "error_rows": 0,
     }
-    assert not Path(out, "_staging", "shard-7").exists()
+    assert not [path for path in Path(f"{out}.job", "staging").rglob("*") if path.is_file()]
 
 
 def test_writer_casts_to_the_documented_schema(tmp_path: Path) -> None:
@@ -314,7 +322,7 @@ def test_a_reader_never_sees_partial_files_during_a_crash_between_staging_and_co
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = str(tmp_path / "out")
-    OutputState.open(out, fingerprint(), [{"shard_id": "shard-0"}], {})
+    OutputState.open(out, fingerprint(), plan("shard-0"), {})
     table = classify_table(10)
     real_replace = os.replace
     seen_by_reader: list[list[str]] = []
@@ -327,27 +335,29 @@ def test_a_reader_never_sees_partial_files_during_a_crash_between_staging_and_co
             assert pq.read_metadata(path).num_rows == 4  # complete files only
         if target.endswith("-00001.parquet"):
             assert os.path.getsize(source) > 0 and source.endswith(".parquet.pending")
+            assert source.startswith(f"{out}.job/staging/")  # written beside the output, never inside it
             raise SimulatedCrash
         real_replace(source, target)
 
-    monkeypatch.setattr(manifest.os, "replace", replace_then_crash)
+    monkeypatch.setattr(layout.os, "replace", replace_then_crash)
     with pytest.raises(SimulatedCrash):
         commit_shard(out, "shard-0", table, rows_per_file=4, metadata={})
-    monkeypatch.setattr(manifest.os, "replace", real_replace)
+    monkeypatch.setattr(layout.os, "replace", real_replace)
 
     assert seen_by_reader == [[], [f"{out}/part-shard-0-00000.parquet"]]
-    assert not Path(out, "_commits", "shard-0.json").exists()  # not committed
-    assert glob.glob(f"{out}/_staging/shard-0/*.pending")  # the staged file is there but invisible to *.parquet
-    assert pq.ParquetDataset(out).read().num_rows == 4  # a dataset reader skips _staging and sees whole files
+    assert not Path(f"{out}.job", "commits", "shard-0.json").exists()  # not committed
+    assert glob.glob(f"{out}.job/staging/*.pending")  # the staged file is there, outside the output
+    assert [p.name for p in Path(out).rglob("*")] == ["part-shard-0-00000.parquet"]  # only whole Parquet files
+    assert pq.ParquetDataset(out).read().num_rows == 4
 
     # Resume: staging cleaned, the shard redone, same names, each row once.
-    state = OutputState.open(out, fingerprint(), [{"shard_id": "shard-0"}], {}, overwrite=False)
+    state = OutputState.open(out, fingerprint(), plan("shard-0"), {}, overwrite=False)
     assert state.resumed and state.committed_shard_ids == set()
-    assert not Path(out, "_staging").exists()
+    assert not Path(f"{out}.job", "staging").exists()
     record = commit_shard(out, "shard-0", table, rows_per_file=4, metadata={})
     assert record.rows == 10 and len(record.files) == 3
     assert sorted(os.path.basename(p) for p in glob.glob(f"{out}/**/*.parquet", recursive=True)) == record.files
-    assert not [p for p in Path(out, "_staging").rglob("*") if p.is_file()]
+    assert not [p for p in Path(f"{out}.job", "staging").rglob("*") if p.is_file()]
     assert pq.ParquetDataset(out).read().column("key").to_pylist() == [f"img-{i:05d}" for i in range(10)]
 
 
@@ -356,24 +366,26 @@ def test_commit_to_s3(s3_bucket: str) -> None:
 
     out = f"s3://{s3_bucket}/runs/out"
     schema = output_schema("classify", HIDDEN)
-    state = OutputState.open(out, fingerprint(), [{"shard_id": "s0"}, {"shard_id": "s1"}], secret_arguments(out))
+    state = OutputState.open(out, fingerprint(), plan("s0", "s1"), secret_arguments(out))
     for index, shard_id in enumerate(["s0", "s1"]):
         table = classify_table(5, error_at=(0,), ordinals=np.arange(5)[::-1], seed=index)
         commit_shard(out, shard_id, table, rows_per_file=2, metadata=state.parquet_metadata, schema=schema)
     state.finish({"samples": 10, "errors": 2, "seconds": 1.0, "images_per_s": 10.0})
 
-    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/out/")["Contents"]
-    keys = sorted(item["Key"].removeprefix("runs/out/") for item in listing)
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/out")["Contents"]
+    keys = sorted(item["Key"].removeprefix("runs/out") for item in listing)
     assert keys == sorted(
-        ["_job.json", "_manifest.json", "_summary.json", "_SUCCESS", "_commits/s0.json", "_commits/s1.json"]
-        + [f"part-{s}-{i:05d}.parquet" for s in ("s0", "s1") for i in range(3)]
+        [f".job/{name}" for name in ("job.json", "plan.parquet", "manifest.json", "summary.json", "SUCCESS")]
+        + [".job/commits/s0.json", ".job/commits/s1.json"]
+        + [f"/part-{s}-{i:05d}.parquet" for s in ("s0", "s1") for i in range(2)]
+        + ["/errors/part-s0.errors", "/errors/part-s1.errors"]
     )
     filesystem, path = filesystem_for(out)
     data = pq.ParquetDataset(f"{path}/", filesystem=filesystem).read()
-    assert data.num_rows == 10 and data.column("error").null_count == 8
+    assert data.num_rows == 10 and data.column("error").null_count == 8  # error rows under errors/ included
     assert data.schema.field("embedding").type == pa.list_(pa.float32(), HIDDEN)
     first = pq.read_table(f"{path}/part-s0-00000.parquet", filesystem=filesystem)
-    assert first.column("key").to_pylist() == ["img-00000", "img-00001"]
+    assert first.column("key").to_pylist() == ["img-00000", "img-00001"]  # img-00004 is the error row
     for item in listing:
         body = boto3.client("s3").get_object(Bucket=s3_bucket, Key=item["Key"])["Body"].read()
         assert FAKE_SECRET.encode() not in body, item["Key"]

@@ -31,7 +31,7 @@ def test_actor_is_warmed_up_when_built(checkpoint: str) -> None:
 @pytest.mark.slow
 def test_the_driver_never_reads_the_weights(checkpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole job on a local Ray with full weight reads forbidden in the driver process (the actors, other
-    processes, still load the model): it succeeds, and _job.json records the header-based fingerprint and the dtype
+    processes, still load the model): it succeeds, and out.job/job.json records the header-based fingerprint and the dtype
     this node's CPU decided."""
     import ray
 
@@ -54,6 +54,6 @@ def test_the_driver_never_reads_the_weights(checkpoint: str, tmp_path: Path, mon
     finally:
         ray.shutdown()
     assert summary.status == "succeeded" and summary.samples == 6
-    fingerprint = json.loads((tmp_path / "out" / "_job.json").read_text())["fingerprint"]
+    fingerprint = json.loads((tmp_path / "out.job" / "job.json").read_text())["fingerprint"]
     assert fingerprint["weights_sha256"] == weights.checkpoint_fingerprint(checkpoint).digest
     assert fingerprint["dtype"] == cpu.CpuDtypeDecision.from_dict(cpu.decide_on_this_node()).dtype

@@ -65,15 +65,17 @@ def test_transient_faults_on_every_request_kind_are_retried_and_no_secret_leaks(
     # No credential anywhere: not in the output's files (data, records, manifest, summary, Parquet metadata), not
     # in what the job printed, not in the logs of its Ray cluster (driver, workers, raylet, GCS).
     filesystem, root = fsspec.core.url_to_fs(output)
-    stored = {path: filesystem.cat_file(path) for path in filesystem.find(root)}
-    assert {"_job.json", "_manifest.json", "_summary.json", "_SUCCESS"} <= {p.rsplit("/", 1)[-1] for p in stored}
+    stored = {path: filesystem.cat_file(path) for folder in (root, f"{root}.job") for path in filesystem.find(folder)}
+    assert {"job.json", "plan.parquet", "manifest.json", "summary.json", "SUCCESS"} <= {
+        p.rsplit("/", 1)[-1] for p in stored
+    }
     ray_logs = {str(path): path.read_bytes() for path in Path(ray_tmpdir).rglob("*") if path.is_file()}
     assert any("worker" in name for name in ray_logs), "no Ray worker logs to check"
     texts = {"stdout": finished.stdout.encode(), "stderr": finished.stderr.encode(), **stored, **ray_logs}
     for canary in (SECRET_CANARY, KEY_CANARY, ENV_SECRET_CANARY):
         leaks = [name for name, data in texts.items() if canary.encode() in data]
         assert not leaks, f"{canary} found in {leaks}"
-    job = json.loads(stored[f"{root}/_job.json"])
+    job = json.loads(stored[f"{root}.job/job.json"])
     assert job["arguments"]["storage_options"]["secret"] == "***"
 
 
@@ -119,7 +121,7 @@ def anonymous_bucket(s3_endpoint: str) -> str:
     name = f"anon-{uuid.uuid4().hex[:10]}"
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket=name, ACL="public-read")
-    client.put_object(Bucket=name, Key="denied/out/_job.json", Body=b"{}", ACL="private")
+    client.put_object(Bucket=name, Key="denied/out.job/job.json", Body=b"{}", ACL="private")
     for index, acl in enumerate(("public-read", "private")):
         key = f"shards/{index:03d}-{acl}.tar"
         write_webdataset(f"s3://{name}/{key}", make_samples(4, seed=index, prefix=f"{acl}-"))
@@ -197,7 +199,8 @@ def test_a_shard_that_cannot_be_read_stops_the_job_naming_it(
     assert f"s3://{anonymous_bucket}/shards/001-private.tar" in message and "access denied" in message, message
     assert "run the same command again to resume" in message
     assert_no_traceback(finished.stderr)
-    assert "_SUCCESS" not in all_names(str(output))
+    assert ".job/SUCCESS" not in all_names(str(output))
+    assert all_names(str(output)), "the job wrote nothing: the check above would pass vacuously"
 
 
 class WritesAFileWhenUnpickled:
