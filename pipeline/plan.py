@@ -41,7 +41,14 @@ from pipeline import decode, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
-from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
+from pipeline.manifest import (
+    JobFingerprint,
+    OutputState,
+    ShardAssembler,
+    sanitize_arguments,
+    sanitize_uri,
+)
+from pipeline.preflight import connect_ray, run_preflight
 from pipeline.sink import commit_shard, output_schema
 
 logger = logging.getLogger(__name__)
@@ -86,6 +93,11 @@ class JobError(RuntimeError):
     """
 
 
+class UnreadableShardsError(JobError):
+    """Some shards yielded nothing but a shard-error row (not a tar, not Parquet): not committed, so a rerun reads
+    them again once the files are fixed. The job's exit code says so even if every other shard succeeded."""
+
+
 class IncompleteShardsError(JobError):
     """The dataset ended while some shards still missed rows (rows lost between stages); a rerun redoes them."""
 
@@ -97,9 +109,8 @@ def read_and_decode_shards(
     processor: ViTHybridImageProcessor,
     fast_decode: bool,
     max_image_pixels: int,
-    id_column: str | None,
-    image_column: str | None,
     rows_per_batch: int,
+    exif_orientation: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Ray Data generator UDF: one input row names one shard; yield its samples decoded, a few rows at a time.
 
@@ -114,12 +125,14 @@ def read_and_decode_shards(
         for table in sources.read_shard(
             shard,
             storage_options=storage_options,
-            batch_rows=rows_per_batch,
-            id_column=id_column,
-            image_column=image_column,
+            batch_rows=rows_per_batch,  # the columns frozen in the shard at planning are what it reads
         ):
             decoded = decode.decode_batch(
-                table, processor=processor, fast=fast_decode, max_image_pixels=max_image_pixels
+                table,
+                processor=processor,
+                fast=fast_decode,
+                max_image_pixels=max_image_pixels,
+                exif_orientation=exif_orientation,
             )
             rows_seen += len(decoded["key"])
             if held is not None:
@@ -162,7 +175,13 @@ def build_fingerprint(
         task=config.task,
         model_uri=config.model,
         weights_sha256=weights_sha256,
-        preprocessing={**processor.to_dict(), "fast_decode": config.fast_decode},
+        preprocessing={
+            **processor.to_dict(),
+            "fast_decode": config.fast_decode,
+            "exif_orientation": config.exif_orientation,
+            "id_column": config.id_column,
+            "image_column": config.image_column,
+        },
         dtype=compute_dtype,
         top_k=config.top_k if config.task == "classify" else None,
         embedding_dtype=config.embedding_dtype,
@@ -181,22 +200,12 @@ def run_job(config: JobConfig) -> JobSummary:
     Ray is needed; then ``ray.init()`` is called unless Ray is already initialised, so the same code runs in-process,
     in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
-    from model.configuration import ViTHybridConfig
-    from model.weights import load_checkpoint
-
     started = time.monotonic()
-    with _storage_step("cannot load model", config.model):
-        model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
-        # Reading the weights here (once, on the driver) fails fast on a bad --model and gives the sha256.
-        _, checkpoint = load_checkpoint(config.model, storage_options=config.storage_options)
-        processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
-    with _storage_step("cannot read input", config.input):
-        planned = sources.plan_shards(
-            config.input,
-            format=config.format,
-            storage_options=config.storage_options,
-            images_per_shard=config.images_per_shard,
-        )
+    # Output, model files, input plan, weights: every check that needs no Ray, cheapest first (pipeline/preflight.py).
+    checked = run_preflight(config)
+    model_config, checkpoint, processor, planned = (
+        checked.model_config, checked.checkpoint, checked.processor, checked.shards
+    )
 
     compute_dtype = _dtype_without_cluster(config)
     use_gpu: bool | None = None
@@ -249,11 +258,7 @@ def run_job(config: JobConfig) -> JobSummary:
 
 
 def _connect_ray() -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    return ray
+    return connect_ray()  # a failure to start or join Ray is a ClusterStartError (exit code 4)
 
 
 def _use_gpu(config: JobConfig, ray: Any) -> bool:
@@ -299,7 +304,7 @@ def _storage_step(what: str, uri: str) -> Iterator[None]:
         yield
     except JobError:
         raise
-    except Exception as error:  # noqa: BLE001 - filtered right below, re-raised unless it is a storage error
+    except Exception as error:
         if not _is_storage_error(error):
             raise
         raise JobError(f"{what} {sanitize_uri(uri)}: {_describe_storage_error(error)}") from error
@@ -351,8 +356,7 @@ def _build_dataset(
             "processor": processor,
             "fast_decode": config.fast_decode,
             "max_image_pixels": config.max_image_pixels,
-            "id_column": config.id_column,
-            "image_column": config.image_column,
+            "exif_orientation": config.exif_orientation,
             "rows_per_batch": min(batch_size, 64),
         },
     )  # Ray Data retries a failed or killed task by default (max_retries=-1), re-reading its shard from the start.
@@ -376,6 +380,7 @@ def _consume_and_commit(
     before the :class:`JobError` naming the shard is raised.
     """
     assembler = ShardAssembler()
+    unreadable: dict[str, str] = {}
     in_flight: list[Future] = []
     failure: JobError | None = None
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="commit") as committer:
@@ -386,11 +391,15 @@ def _consume_and_commit(
                 summary.errors = assembler.error_rows_accepted
                 summary.rows_resent = assembler.rows_resent
                 for shard_id, shard_table in completed:
+                    if sources.is_whole_shard_failure(shard_table):
+                        # Nothing of it was read: committing it would make a rerun skip it after the cause is fixed.
+                        unreadable[shard_id] = str(shard_table.column("error")[0].as_py())
+                        continue
                     in_flight.append(committer.submit(_commit, config, shard_id, shard_table, metadata, schema))
                 in_flight = _collect_finished(in_flight, summary)
                 if _error_budget_exceeded(summary, config.max_error_fraction):
                     break
-        except Exception as error:  # noqa: BLE001 - only a shard read error is translated; the rest re-raised
+        except Exception as error:
             read_error = _find_cause(error, sources.ShardReadError)
             if read_error is None:
                 raise
@@ -405,13 +414,20 @@ def _consume_and_commit(
             summary.shards_committed += 1
     if failure is not None:
         raise failure from None
-    if _error_budget_exceeded(summary, config.max_error_fraction):
+    if _error_budget_exceeded(summary, config.max_error_fraction, final=True):
         summary.status = "aborted"
         raise JobAborted(
             f"{summary.errors} of {summary.samples} samples failed to decode "
             f"(more than --max-error-fraction {config.max_error_fraction}); "
             f"{summary.shards_committed} finished shards were committed to {summary.output}. "
             "Check the input, or raise --max-error-fraction and run the same command again to resume."
+        )
+    if unreadable:
+        described = "; ".join(f"{shard_id}: {reason}" for shard_id, reason in sorted(unreadable.items())[:3])
+        raise UnreadableShardsError(
+            f"{len(unreadable)} shard(s) could not be read at all and were not committed ({described}); "
+            f"{summary.shards_committed} other shards were committed to {summary.output}. Fix or replace those files "
+            "and run the same command again to read them."
         )
     incomplete = assembler.pending_shards()
     if incomplete:
@@ -463,8 +479,14 @@ def _find_cause(error: BaseException, wanted: type[BaseException]) -> BaseExcept
 MIN_SAMPLES_FOR_ERROR_BUDGET = 100
 
 
-def _error_budget_exceeded(summary: JobSummary, max_error_fraction: float) -> bool:
-    """Judge the error rate only once enough samples were seen for the fraction to mean something."""
+def _error_budget_exceeded(summary: JobSummary, max_error_fraction: float, *, final: bool = False) -> bool:
+    """Mid-job, judge the error rate only once enough samples were seen for the fraction to mean something (so a bad
+    first batch does not stop a big job). At the end (``final``) every job is judged, whatever its size, and a job
+    where every sample failed is never a success, whatever ``max_error_fraction`` allows."""
+    if summary.samples == 0:
+        return False
+    if final:
+        return summary.errors == summary.samples or summary.errors / summary.samples > max_error_fraction
     if summary.samples < MIN_SAMPLES_FOR_ERROR_BUDGET:
         return False
     return summary.errors / summary.samples > max_error_fraction
