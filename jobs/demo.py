@@ -89,7 +89,11 @@ def random_full_size_checkpoint(cache: Path) -> Path:
     """A randomly initialised google/vit-hybrid-base-bit-384-shaped checkpoint, written once to ``cache``."""
     import torch
 
-    from model import ViTHybridConfig, ViTHybridForImageClassification, ViTHybridImageProcessor
+    from model import (
+        ViTHybridConfig,
+        ViTHybridForImageClassification,
+        ViTHybridImageProcessor,
+    )
 
     folder = cache / "random-vit-hybrid-base-bit-384"
     if (folder / "model.safetensors").exists() and (folder / "preprocessor_config.json").exists():
@@ -205,7 +209,7 @@ def _report(summary_line: str, output: Path, photos: dict[str, str], bad_key: st
         if path.is_file():
             relative = path.relative_to(output)
             note = " (data)" if path.suffix == ".parquet" else ""
-            lines.append(f"  {str(relative):<44} {path.stat().st_size:>9,} bytes{note}")
+            lines.append(f"  {relative!s:<44} {path.stat().st_size:>9,} bytes{note}")
     lines.append("")
 
     good = table.filter(pads.field("error").is_null())
