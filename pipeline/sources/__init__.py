@@ -56,6 +56,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -151,21 +152,27 @@ def plan_shards(
     return shards
 
 
-def _claimed(names: pa.Array, fmt: ShardFormat) -> pa.Array:
-    lowered = pc.utf8_lower(names)
-    mask = pa.array([False] * len(names), pa.bool_())
+def _claimed(tails: pa.Array, fmt: ShardFormat) -> pa.Array:
+    mask = _constant(len(tails), False)
     for ext in fmt.extensions:
-        mask = pc.or_(mask, pc.ends_with(lowered, ext))
+        mask = pc.or_(mask, pc.ends_with(tails, ext))
     return mask
+
+
+def _constant(length: int, value: bool) -> pa.Array:
+    return pa.array(np.full(length, value, dtype=bool))
 
 
 def _select_files(input_spec: str, listing: Listing, forced: str | None) -> tuple[str, pa.Table]:
     files = listing.files
     names = files.column("name").combine_chunks()
+    # Extensions are matched on the lower-cased last characters only: lower-casing ten million whole URIs is not free.
+    longest = max(len(ext) for fmt in formats().values() for ext in fmt.extensions)
+    tails = pc.utf8_lower(pc.utf8_slice_codeunits(names, start=-longest))
     claimed: dict[str, pa.Array] = {}
-    unclaimed = pa.array([True] * len(names), pa.bool_())
+    unclaimed = _constant(len(names), True)
     for name, fmt in formats().items():
-        mask = pc.and_(_claimed(names, fmt), unclaimed)  # the first format to claim a file keeps it
+        mask = pc.and_(_claimed(tails, fmt), unclaimed)  # the first format to claim a file keeps it
         if pc.any(mask).as_py():
             claimed[name] = mask
         unclaimed = pc.and_(unclaimed, pc.invert(mask))
@@ -182,13 +189,13 @@ def _select_files(input_spec: str, listing: Listing, forced: str | None) -> tupl
         chosen, mask = next(iter(claimed.items()))
     else:
         chosen = forced
-        mask = claimed.get(forced, pa.array([False] * len(names), pa.bool_()))
+        mask = claimed.get(forced, _constant(len(names), False))
         if listing.named_one_by_one:
             mask = pc.or_(mask, unclaimed)
             unknown = pa.array([], pa.string())
         if not pc.any(mask).as_py() if len(mask) else True:
             raise InputError(f"no {forced} files found in {input_spec}{_ignored_note(files, unclaimed)}")
-    selected = files.filter(mask)
+    selected = files if pc.all(mask).as_py() else files.filter(mask)  # no copy in the usual, single-format case
     if forced is not None:
         selected = selected.take(pc.sort_indices(selected.column("uri")))
     ignored = len(files) - len(selected)
