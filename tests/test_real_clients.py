@@ -168,3 +168,23 @@ def test_members_behave_as_the_tuple_they_replace() -> None:
     assert Shard.from_dict(shard.to_dict()) == shard
     assert shard.file_uris() == ("/base/a.jpg", "/base/b.jpg", "/base/c.jpg")
     assert os.fspath(Path("/base") / members[0]) == "/base/a.jpg"
+
+
+# ---- the format registry -------------------------------------------------------------------------------------------
+
+
+def test_one_format_registry_feeds_planning_the_cli_and_the_job_config(tmp_path: Path) -> None:
+    from jobs.cli import build_parser
+    from pipeline import config
+    from pipeline.config import JobConfig
+    from pipeline.sources import format_names, format_of_name, formats
+
+    assert set(format_names()) == {"images", "parquet", "webdataset"}
+    assert config.FORMATS == format_names()
+    (choices,) = [action.choices for action in build_parser("classify")._actions if "--format" in action.option_strings]
+    assert tuple(choices) == format_names()
+    with pytest.raises(ValueError, match="format 'zip' is not one of"):
+        JobConfig(task="embed", input="a", output="b", model="c", format="zip")
+    for name, fmt in formats().items():
+        for extension in fmt.extensions:
+            assert format_of_name(f"dir.v1/file{extension.upper()}") == name
