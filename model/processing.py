@@ -570,10 +570,7 @@ class ViTHybridImageProcessor:
 
         ``path_or_uri`` may also name the JSON file itself. ``storage_options`` go to fsspec (e.g. ``{"anon": True}``).
         """
-        from model.storage import (  # storage is an edge concern; keep `model` import-light
-            join_uri,
-            read_bytes,
-        )
+        from model.storage import join_uri, read_bytes  # storage is an edge concern; keep `model` import-light
 
         uri = path_or_uri if path_or_uri.endswith(".json") else join_uri(path_or_uri, CONFIG_NAME)
         try:
@@ -623,8 +620,8 @@ class ViTHybridImageProcessor:
         stage does; the reference does not, hence the default). ``fast=False`` is bit-identical to the reference's
         resize + centre crop (of the upright image when ``exif_orientation``). ``fast=True`` may call ``image.draft``
         (so pass a freshly opened, not yet loaded image to profit) to let libjpeg decode big JPEGs at 1/2, 1/4 or 1/8
-        scale -- never below the resize target, so only JPEGs downscaled 2x or more are affected; every other image
-        is processed exactly as with ``fast=False``.
+        scale while keeping :data:`FAST_DRAFT_MARGIN` (2) times the resize target, so only JPEGs at least 4x the
+        target are affected; every other image is processed exactly as with ``fast=False``.
 
         Raises whatever Pillow raises on corrupt data (``OSError`` for truncated files, ...), ``ValueError`` for an
         image that cannot be made RGB, and :class:`ResizeTooLargeError` for absurd aspect ratios.

@@ -41,13 +41,7 @@ from pipeline import decode, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
-from pipeline.manifest import (
-    JobFingerprint,
-    OutputState,
-    ShardAssembler,
-    sanitize_arguments,
-    sanitize_uri,
-)
+from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
 from pipeline.preflight import connect_ray, run_preflight
 from pipeline.sink import commit_shard, output_schema
 
@@ -304,7 +298,7 @@ def _storage_step(what: str, uri: str) -> Iterator[None]:
         yield
     except JobError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - filtered right below, re-raised unless it is a storage error
         if not _is_storage_error(error):
             raise
         raise JobError(f"{what} {sanitize_uri(uri)}: {_describe_storage_error(error)}") from error
