@@ -194,8 +194,10 @@ def make_embedder(model_uri: str | None, cache: Path) -> Any:
 def report(results: Sequence[SizeResult], margin: int, weights: str) -> str:
     lines = [
         f"fast decode vs exact (FAST_DRAFT_MARGIN={margin}; grey levels 0-255; JPEG q90 unless noted; {weights})",
-        f"{'size':<26} {'fmt':<5} {'imgs':>4} {'drafted':>7} {'exact':>5} {'max':>4} {'mean':>6} {'p99':>5} "
-        f"{'min cos':>8} {'base cos':>8} {'q95 mean':>8} {'exact/s':>8} {'fast/s':>8} {'speedup':>7}",
+        (
+            f"{'size':<26} {'fmt':<5} {'imgs':>4} {'drafted':>7} {'exact':>5} {'max':>4} {'mean':>6} {'p99':>5} "
+            f"{'min cos':>8} {'base cos':>8} {'q95 mean':>8} {'exact/s':>8} {'fast/s':>8} {'speedup':>7}"
+        ),
     ]
     for result in results:
         cos = f"{min(result.cosines):.5f}" if result.cosines else "-"

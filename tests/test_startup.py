@@ -17,7 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.reliability import assert_no_traceback, committed_shards, error_line, make_checkpoint, run_job
+from tests.reliability import (
+    assert_no_traceback,
+    committed_shards,
+    error_line,
+    make_checkpoint,
+    run_job,
+)
 
 NO_RAY = {"RAY_ADDRESS": "localhost:notaport"}  # ray.init() fails at once on this address: exit code 4
 
@@ -98,6 +104,7 @@ def test_output_is_checked_before_the_model_and_the_input_before_the_weights(
     assert_no_traceback(result.stderr)
 
 
+@pytest.mark.slow
 def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     tmp_path: Path, model: str, ray_tmpdir: str
 ) -> None:

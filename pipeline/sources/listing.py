@@ -182,7 +182,7 @@ def is_hidden(relative_name: str) -> bool:
 
 
 def examples(names: Iterable[str]) -> str:
-    shown = []
+    shown: list[str] = []
     total = 0
     for name in names:
         total += 1
@@ -240,7 +240,7 @@ def _list_file(input_spec: str, filesystem: fsspec.AbstractFileSystem, path: str
     return Listing("list", "", files)
 
 
-def _parse_lines(input_spec: str, stream: io.BufferedReader, reader: RangeReader) -> pa.Array:
+def _parse_lines(input_spec: str, stream: Any, reader: RangeReader) -> pa.Array:
     try:
         parsed = pacsv.read_csv(
             stream,
