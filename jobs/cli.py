@@ -1,13 +1,20 @@
 """The command line shared by ``jobs.classify`` and ``jobs.embed``: flags -> JobConfig -> run, one summary line.
 
-``run_job`` calls ``ray.init()`` with no address once the model and the input are checked: it joins the cluster named
-by ``RAY_ADDRESS`` (set by ``ray job submit``) or starts Ray in-process, so the same command runs on a laptop and on a
-cluster.
+``run_job`` first runs the checks that need no Ray (output writable, model files, input plan, weights; see
+:mod:`pipeline.preflight`), then calls ``ray.init()`` with no address: it joins the cluster named by ``RAY_ADDRESS``
+(set by ``ray job submit``) or starts Ray in-process, so the same command runs on a laptop and on a cluster.
 
-Exit codes: 0 done (also when a rerun finds the job already complete); 2 the job cannot run as asked: a flag, the
-model, the input or the output is wrong or refused by storage (``error: ...`` on stderr, naming the URI and the cause,
-no traceback); 3 aborted past ``--max-error-fraction`` after committing the finished shards. After 2 or 3, fix the
-cause and run the same command again: committed shards are kept and skipped.
+Exit codes (every failure is one line on stderr, naming the URI and the cause, no traceback):
+
+* 0 done (also when a rerun finds the job already complete);
+* 2 the job cannot run as asked: a flag, the model, the input or the output is wrong or refused by storage, or reading
+  a shard failed for a storage reason;
+* 3 too many failed samples: more than ``--max-error-fraction`` (judged at the end for jobs of any size, and mid-job
+  once 100 samples are in), or every sample failed; finished shards are committed;
+* 4 Ray could not be started, or the cluster at ``RAY_ADDRESS`` could not be joined;
+* 5 some shards could not be read at all (not a tar, not Parquet): they are not committed, the others are.
+
+After 2-5, fix the cause and run the same command again: committed shards are kept and skipped.
 """
 
 from __future__ import annotations
@@ -19,17 +26,23 @@ import sys
 from collections.abc import Sequence
 
 from model.weights import CheckpointError
+from pipeline.config import DECODE_LOCATIONS, DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, JobConfig
 from pipeline.manifest import OutputConflictError
-from pipeline.config import DECODE_LOCATIONS, DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, FORMATS, JobConfig
-from pipeline.plan import JobAborted, JobError, run_job
+from pipeline.plan import JobAborted, JobError, UnreadableShardsError, run_job
+from pipeline.preflight import ClusterStartError
 from pipeline.sources import InputError
+from pipeline.sources.registry import format_names
 
 EXIT_ERROR = 2
 EXIT_ABORTED = 3
+EXIT_CLUSTER = 4
+EXIT_UNREADABLE_SHARDS = 5
 
 # What the user can fix: each message names the URI (model, input, output) and the cause. Anything else is a bug and
 # keeps its traceback.
-USER_ERRORS = (JobError, InputError, OutputConflictError, CheckpointError, FileNotFoundError, PermissionError)
+USER_ERRORS = (
+    JobError, InputError, OutputConflictError, CheckpointError, FileNotFoundError, PermissionError, NotADirectoryError
+)
 # Their DEBUG records carry request headers (Authorization, x-amz-security-token) or call arguments (SSE keys).
 CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3")
 
@@ -60,14 +73,18 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     io.add_argument("--input", required=True, help="prefix, glob, or .txt file listing URIs (local path, s3://, any fsspec URL)")
     io.add_argument("--output", required=True, help="output prefix for Parquet files (local path or s3://...)")
     io.add_argument("--model", required=True, help="Hugging Face checkpoint folder (local or s3://...)")
-    io.add_argument("--format", choices=FORMATS, default=None,
+    io.add_argument("--format", choices=format_names(), default=None,
                     help="input format; detected from file names when not given")
     io.add_argument("--storage-options", type=json.loads, default={},
                     help='fsspec options as JSON, e.g. \'{"anon": true}\'; credentials normally come from AWS_* variables')
     io.add_argument("--id-column", default=None, help="Parquet input: column holding the sample id (auto-detected)")
     io.add_argument("--image-column", default=None, help="Parquet input: column holding image bytes (auto-detected)")
     io.add_argument("--images-per-shard", type=int, default=defaults.images_per_shard,
-                    help="plain image files: files grouped into one unit of work and commit")
+                    help="plain image files: at most this many files per unit of work and output file "
+                         "(10,000 rows make ~30 MB of Parquet with float32 embeddings)")
+    io.add_argument("--bytes-per-shard", type=int, default=defaults.bytes_per_shard,
+                    help="plain image files: at most this many input bytes per unit of work (bounds one task's "
+                         "download and the work a retry redoes; a larger single file is a shard of its own)")
     io.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="maximum rows per Parquet file")
     io.add_argument("--overwrite", action="store_true",
                     help="delete this job's earlier output under --output and start over instead of resuming")
@@ -96,8 +113,14 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                               "the node, see README 'Every core busy')")
     compute.add_argument("--decode-memory-mb", type=int, default=defaults.decode_memory_mb,
                          help="memory reserved per decode task (bounds concurrent decodes of large photos)")
+    compute.add_argument("--fast-decode", dest="fast_decode", action="store_true", default=defaults.fast_decode,
+                         help="decode JPEGs at least twice the input size at 1/2..1/8 scale in libjpeg (faster, "
+                              "not bit-exact: see the README's Performance section); every other image is exact")
     compute.add_argument("--exact-decode", dest="fast_decode", action="store_false",
-                         help="bit-exact preprocessing: turn off the fast path (JPEG draft-mode decoding of large photos), on by default")
+                         help="bit-exact preprocessing everywhere (turns --fast-decode off)")
+    compute.add_argument("--exif-orientation", action=argparse.BooleanOptionalAction, default=defaults.exif_orientation,
+                         help="turn photos upright by their EXIF Orientation tag before resizing (transformers' "
+                              "processor ignores the tag; --no-exif-orientation does the same)")
     compute.add_argument("--decode-location", default=defaults.decode_location, choices=DECODE_LOCATIONS,
                          help="decode on CPU workers and ship uint8 crops (workers), or inside the inference actors "
                               "on the GPU nodes, shipping file bytes (actor: for small JPEGs and GPU nodes with spare "
@@ -160,6 +183,12 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
     except JobAborted as aborted:
         print(f"aborted: {aborted}", file=sys.stderr)
         return EXIT_ABORTED
+    except ClusterStartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CLUSTER
+    except UnreadableShardsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNREADABLE_SHARDS
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR

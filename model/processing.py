@@ -2,8 +2,8 @@
 
 The work is split where the data is smallest, so that each half runs where it is cheap:
 
-* **CPU half** -- :meth:`ViTHybridImageProcessor.to_uint8`: decode, EXIF orientation, RGB conversion, resize and
-  centre crop with Pillow, ending in a ``(crop_h, crop_w, 3)`` ``uint8`` array. A uint8 crop is a quarter of the bytes
+* **CPU half** -- :meth:`ViTHybridImageProcessor.to_uint8`: decode, optional EXIF orientation, RGB conversion, resize
+  and centre crop with Pillow, ending in a ``(crop_h, crop_w, 3)`` ``uint8`` array. A uint8 crop is a quarter of the bytes
   of the float tensor the model eats, which is what Ray Data should move between processes and onto the GPU.
 * **Device half** -- :class:`PixelNormalizer` (``processor.normalizer(device)``): rescale and normalise a stacked
   ``(N, H, W, 3)`` uint8 batch on the accelerator into ``(N, 3, H, W)`` floats in channels-last memory.
@@ -15,22 +15,27 @@ same way. Example::
     processor = ViTHybridImageProcessor.from_pretrained("s3://bucket/models/vit-hybrid-base-bit-384/")
     inputs = processor(image, return_tensors="pt")          # {"pixel_values": (1, 3, 384, 384) float32}
 
-    crop = processor.to_uint8(image, fast=True)             # (384, 384, 3) uint8, on a CPU worker
+    crop = processor.to_uint8(image, exif_orientation=True) # (384, 384, 3) uint8 upright, on a CPU worker
     normalizer = processor.normalizer(device="cuda", dtype=torch.bfloat16)
     pixel_values = normalizer(torch.from_numpy(np.stack(crops)).cuda())
 
 Exactness. With ``fast=False`` every step is the reference's own arithmetic: the same Pillow calls on the same
 pixels, then a 256-entry table per channel computed with exactly the reference's numpy arithmetic
 (``float32(float64(x) * rescale_factor)``, then float32 ``(x - mean) / std``). A pixel can only take 256 values, so
-looking the result up is the reference's arithmetic, not an approximation of it. Two deliberate differences:
+looking the result up is the reference's arithmetic, not an approximation of it. EXIF orientation is ignored, as the
+reference ignores it, so ``processor(images=photo)`` equals the reference on every photo; the batch pipeline turns
+photos upright in its decode stage instead (``to_uint8(image, exif_orientation=True)``, on by default there, see
+:mod:`pipeline.decode`), because a phone photo taken upright would otherwise reach the model lying on its side. One
+deliberate difference:
 
-* EXIF orientation is applied (the reference ignores it, so a phone photo taken upright reaches the model lying on
-  its side). For images without an orientation tag nothing changes.
 * Images whose resize output would exceed :data:`MAX_RESIZED_PIXELS` (absurd aspect ratios such as 1x100000, which
   the reference would blow up into tens of gigabytes) raise :class:`ResizeTooLargeError` instead.
 
-``fast=True`` trades bit-exactness for speed on big photos: JPEG DCT-domain downscaling (``draft``), Pillow's
-``reducing_gap`` and resampling only the crop window. ``tests/test_processing.py`` measures the deviation.
+``fast=True`` trades bit-exactness for speed on big JPEGs only: when libjpeg can decode at 1/2, 1/4 or 1/8 scale
+(DCT-domain ``draft``) while keeping at least :data:`FAST_DRAFT_MARGIN` (2) times the resize target, it does, and the
+exact resize then runs on that smaller image. Everything else (PNG, WebP, JPEGs under 4x the target: 1536 px short
+side for 384) takes the exact path, bit for bit.
+``python -m benchmarks.fastpath`` measures the deviation on real photos.
 """
 
 from __future__ import annotations
@@ -68,9 +73,11 @@ MAX_RESIZED_PIXELS = 1 << 28
 FULL_RESIZE_PIXELS = 1 << 22
 # Pixels per vertical strip in the windowed exact resize: bounds its memory to ~16 MiB whatever the aspect ratio.
 _STRIP_PIXELS = 1 << 22
-# Pillow's reducing_gap for fast mode: first box-reduce by an integer factor, then resample by at least this factor.
-# Pillow documents >= 3.0 as "indistinguishable from fair resampling in most cases".
-FAST_REDUCING_GAP = 3.0
+# Fast mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale while the decoded short side stays >= this many times the
+# resize target; the exact resize then does the rest. Measured by ``python -m benchmarks.fastpath`` (README,
+# Performance): with 1, a 1000x872 JPEG drafted to 1/2 deviates by up to 36 grey levels; with 2 only JPEGs at least
+# 4x the target are touched, by at most 3 levels (p99 1), and 12-megapixel photos still decode 3.7x faster.
+FAST_DRAFT_MARGIN = 2
 
 # Errors Pillow's EXIF (TIFF directory) parser raises on a malformed block. A broken EXIF block must not lose an
 # otherwise good photo: we then apply no rotation, like the reference. (For JPEG, Pillow already parses EXIF at open;
@@ -606,20 +613,24 @@ class ViTHybridImageProcessor:
 
     # ------------------------------------------------------------------------------------------------ the CPU half
 
-    def to_uint8(self, image: Image.Image, *, fast: bool = False) -> np.ndarray:
-        """Orient, convert, resize and crop one image into a C-contiguous ``(crop_h, crop_w, 3)`` uint8 array.
+    def to_uint8(self, image: Image.Image, *, fast: bool = False, exif_orientation: bool = False) -> np.ndarray:
+        """Convert, resize and crop one image into a C-contiguous ``(crop_h, crop_w, 3)`` uint8 array.
 
-        ``fast=False`` is bit-identical to the reference's resize + centre crop (on the EXIF-rotated image).
-        ``fast=True`` may call ``image.draft`` (so pass a freshly opened, not yet loaded image to profit) to let
-        libjpeg decode big JPEGs at 1/2, 1/4 or 1/8 scale -- never below the resize target, so only images
-        downscaled 2x or more are affected -- uses Pillow's ``reducing_gap``, and resamples only the crop window.
+        ``exif_orientation=True`` first turns the image upright by its EXIF Orientation tag (the pipeline's decode
+        stage does; the reference does not, hence the default). ``fast=False`` is bit-identical to the reference's
+        resize + centre crop (of the upright image when ``exif_orientation``). ``fast=True`` may call ``image.draft``
+        (so pass a freshly opened, not yet loaded image to profit) to let libjpeg decode big JPEGs at 1/2, 1/4 or 1/8
+        scale while keeping :data:`FAST_DRAFT_MARGIN` (2) times the resize target, so only JPEGs at least 4x the
+        target are affected; every other image is processed exactly as with ``fast=False``.
 
         Raises whatever Pillow raises on corrupt data (``OSError`` for truncated files, ...), ``ValueError`` for an
         image that cannot be made RGB, and :class:`ResizeTooLargeError` for absurd aspect ratios.
         """
-        return self._to_uint8(image, self._settings(), fast=fast)
+        return self._to_uint8(image, self._settings(), fast=fast, exif_orientation=exif_orientation)
 
-    def _to_uint8(self, image: Image.Image, settings: _Settings, *, fast: bool) -> np.ndarray:
+    def _to_uint8(
+        self, image: Image.Image, settings: _Settings, *, fast: bool, exif_orientation: bool = False
+    ) -> np.ndarray:
         width, height = image.size
         # Refuse from the header, before decoding: a quarter turn does not change the resized pixel count.
         new_h, new_w = settings.resize_output_size(height, width)
@@ -630,12 +641,12 @@ class ViTHybridImageProcessor:
         valid_box: tuple[float, float, float, float] | None = None
         if fast and settings.do_resize:
             # Any scale keeps both sides >= target, so the short side stays >= the shortest edge after rotation.
-            target = settings.shortest_edge or max(settings.resize_hw or (1, 1))
+            target = (settings.shortest_edge or max(settings.resize_hw or (1, 1))) * FAST_DRAFT_MARGIN
             drafted = image.draft("RGB", (target, target))  # None unless a not-yet-loaded JPEG
-            if drafted is not None:
+            if drafted is not None and image.size != (width, height):
                 valid_box = drafted[1]  # the part of the scaled image that maps onto the original (no edge padding)
         image.load()
-        orientation = exif_orientation(image)
+        orientation = _exif_orientation(image) if exif_orientation else 1
         if orientation != 1:
             method = _ORIENTATION_TRANSPOSE[orientation]
             if valid_box is not None:
@@ -644,22 +655,21 @@ class ViTHybridImageProcessor:
             if method in _SWAPS_AXES:
                 width, height = height, width
 
-        gray_fast = False
         if image.mode != "RGB":
             if not settings.do_convert_rgb:
                 raise ValueError(f"do_convert_rgb is off but the image is {image.mode}, not RGB")
-            # Fast mode resizes grayscale before expanding it to three identical channels: a third of the work.
-            gray_fast = fast and image.mode == "L" and settings.do_resize
-            if not gray_fast:
-                image = image.convert("RGB")
+            image = image.convert("RGB")
 
         new_h, new_w = settings.resize_output_size(height, width)  # upright size now
         window = _window(settings, new_h, new_w)
         full = (window.x0, window.y0, window.x1, window.y1) == (0, 0, new_w, new_h)
         if not settings.do_resize:
             region = image if full else image.crop((window.x0, window.y0, window.x1, window.y1))
-        elif fast:
-            region = self._resize_window_fast(image, settings, (new_w, new_h), window, valid_box)
+        elif valid_box is not None:
+            # A drafted JPEG: the exact resize, from the DCT-downscaled pixels, mapped onto the original's geometry.
+            region = image.resize((new_w, new_h), settings.resample, box=valid_box)
+            if not full:
+                region = region.crop((window.x0, window.y0, window.x1, window.y1))
         elif (
             not full
             and settings.resample != Image.Resampling.NEAREST
@@ -671,8 +681,6 @@ class ViTHybridImageProcessor:
             region = image.resize((new_w, new_h), settings.resample)
             if not full:
                 region = region.crop((window.x0, window.y0, window.x1, window.y1))
-        if gray_fast:
-            region = region.convert("RGB")
 
         pixels = np.asarray(region)
         if not window.padded:
@@ -680,35 +688,6 @@ class ViTHybridImageProcessor:
         canvas = np.zeros((window.out_h, window.out_w, 3), dtype=np.uint8)
         canvas[window.dy : window.dy + pixels.shape[0], window.dx : window.dx + pixels.shape[1]] = pixels
         return canvas
-
-    @staticmethod
-    def _resize_window_fast(
-        image: Image.Image,
-        settings: _Settings,
-        size: tuple[int, int],
-        window: _Window,
-        valid_box: tuple[float, float, float, float] | None,
-    ) -> Image.Image:
-        """Resample only the crop window, from the (possibly DCT-downscaled) image, with ``reducing_gap``.
-
-        ``valid_box`` is the part of a drafted JPEG that covers the original picture; a scaled decode rounds the
-        size up, and mapping through the box keeps the geometry of the original instead of stretching by that
-        fraction of a pixel.
-        """
-        new_w, new_h = size
-        box_x0, box_y0, box_x1, box_y1 = valid_box or (0.0, 0.0, float(image.width), float(image.height))
-        scale_x = (box_x1 - box_x0) / new_w
-        scale_y = (box_y1 - box_y0) / new_h
-        source_box = (
-            max(0.0, box_x0 + window.x0 * scale_x),
-            max(0.0, box_y0 + window.y0 * scale_y),
-            min(float(image.width), box_x0 + window.x1 * scale_x),
-            min(float(image.height), box_y0 + window.y1 * scale_y),
-        )
-        gap = None if settings.resample == Image.Resampling.NEAREST else FAST_REDUCING_GAP
-        return image.resize(
-            (window.x1 - window.x0, window.y1 - window.y0), settings.resample, box=source_box, reducing_gap=gap
-        )
 
     # --------------------------------------------------------------------------------------------- the device half
 
@@ -734,8 +713,8 @@ class ViTHybridImageProcessor:
         """``{"pixel_values": ...}`` for one image or a list: PIL images (any mode) or uint8 arrays/tensors.
 
         Values are identical to ``transformers.ViTHybridImageProcessor.preprocess`` with the same settings
-        (``overrides`` take the same names: ``size=``, ``do_center_crop=``, ...), except that EXIF orientation is
-        applied. ``return_tensors``: ``None`` -> list of ``(3, H, W)`` arrays, ``"np"`` or ``"pt"`` -> one
+        (``overrides`` take the same names: ``size=``, ``do_center_crop=``, ...), EXIF or not: like the reference, it
+        ignores EXIF orientation. ``return_tensors``: ``None`` -> list of ``(3, H, W)`` arrays, ``"np"`` or ``"pt"`` -> one
         ``(N, 3, H, W)`` batch. Arrays may be ``(H, W, 3)`` or ``(3, H, W)``; like the reference, a leading axis of
         3 is read as channels unless ``input_data_format="channels_last"``.
         """
@@ -806,3 +785,6 @@ def _as_pil(image: Any, input_data_format: str | None) -> Image.Image:
     if image.shape[-1] != 3:
         raise ValueError(f"arrays must have 3 (RGB) channels, got shape {image.shape}")
     return Image.fromarray(np.ascontiguousarray(image))  # uint8 (H, W, 3) -> mode "RGB"
+
+
+_exif_orientation = exif_orientation  # the module function, under a name the to_uint8 argument does not shadow

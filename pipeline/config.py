@@ -18,7 +18,8 @@ from typing import Any
 # --------------------------------------------------------------------------------------------------------------------
 
 TASKS = ("classify", "embed")
-FORMATS = ("webdataset", "parquet", "images")
+# Input format names are not listed here: ``pipeline.sources.registry`` holds the one table of formats (one module
+# per format), and ``FORMATS`` below is read from it on first use, so that adding a format touches one file.
 DEVICES = ("auto", "cuda", "cpu")
 # Compute dtypes by their torch names; the short aliases are accepted on the command line.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -37,6 +38,16 @@ SHARD_ROWS_COLUMN = "shard_rows"
 # an all-null column into float NaN on its way through NumPy batches.
 NO_ERROR = ""
 NOT_LAST_ROW = -1
+
+
+def __getattr__(name: str) -> Any:
+    # ``from pipeline.config import FORMATS``: the format registry's names, resolved lazily so that importing this
+    # module stays cheap (the registry imports the format readers).
+    if name == "FORMATS":
+        from pipeline.sources.registry import format_names
+
+        return format_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def canonical_dtype(requested: str) -> str:
@@ -66,7 +77,8 @@ class JobConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     id_column: str | None = None
     image_column: str | None = None
-    images_per_shard: int = 256
+    images_per_shard: int = 10_000
+    bytes_per_shard: int = 4 * 1024**3
     batch_size: int | None = None
     top_k: int = 5
     dtype: str = "auto"
@@ -81,6 +93,7 @@ class JobConfig:
     decode_cpus: float | None = None  # None: 1 per task on GPU clusters, sized from the node on CPU-only ones
     decode_memory_mb: int = 512
     fast_decode: bool = True
+    exif_orientation: bool = True
     max_image_pixels: int = 89_478_485
     max_error_fraction: float = 0.5
     overwrite: bool = False
@@ -90,8 +103,13 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.format is not None:
+            from pipeline.sources.registry import format_names
+
+            if self.format not in format_names():
+                raise ValueError(f"format {self.format!r} is not one of {', '.join(format_names())}")
+        if self.images_per_shard < 1 or self.bytes_per_shard < 1:
+            raise ValueError("images_per_shard and bytes_per_shard must be at least 1")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
         canonical_dtype(self.dtype)

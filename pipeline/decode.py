@@ -8,7 +8,8 @@ row. The checks run in the order that keeps memory bounded:
 2. ``Image.open`` reads the header only; the pixel count is checked against ``max_image_pixels`` *before* any pixel
    is decoded (a 20000x20000 PNG is refused after reading a few dozen bytes);
 3. :meth:`~model.processing.ViTHybridImageProcessor.to_uint8` decodes (in fast mode big JPEGs at 1/2..1/8 scale in
-   libjpeg), orients, resizes and crops. Its resize never builds more than the crop window for extreme aspect
+   libjpeg), turns the image upright by its EXIF orientation (``exif_orientation``, on by default here: this is the
+   pipeline's stage for it, the processor alone ignores EXIF like the reference), resizes and crops. Its resize never builds more than the crop window for extreme aspect
    ratios, and refuses outputs beyond :data:`~model.processing.MAX_RESIZED_PIXELS`.
 
 So the peak memory per image is the decoded source (at most ``max_image_pixels`` x 4 bytes, less for drafted JPEGs)
@@ -41,7 +42,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from model.processing import ResizeTooLargeError, ViTHybridImageProcessor, exif_orientation
+from model.processing import ResizeTooLargeError, ViTHybridImageProcessor
+from model.processing import exif_orientation as read_exif_orientation
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +124,14 @@ def decode_sample(
     processor: ViTHybridImageProcessor,
     fast: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    exif_orientation: bool = True,
 ) -> DecodedImage | DecodeError:
     """Decode one file's bytes into the processor's uint8 crop, or say why not. Never raises for bad data.
 
     ``fast`` selects the processor's approximate fast path (see ``to_uint8``); ``max_image_pixels`` caps
     width x height, checked on the header before decoding. Pillow's own refusal above 2 x ``Image.MAX_IMAGE_PIXELS``
-    (178956970 by default) happens inside ``Image.open`` and still applies to larger limits.
+    (178956970 by default) happens inside ``Image.open`` and still applies to larger limits. ``exif_orientation``
+    turns photos upright by their EXIF Orientation tag first (``width``/``height`` are then the upright size).
     """
     if data is None:
         return DecodeError("no data (missing bytes and no upstream error)")
@@ -155,10 +159,10 @@ def decode_sample(
                 )
             image_format, mode = image.format, image.mode
             try:
-                pixels = processor.to_uint8(image, fast=fast)
+                pixels = processor.to_uint8(image, fast=fast, exif_orientation=exif_orientation)
             except DECODE_ERRORS as error:
                 return DecodeError(_describe(error, image_format))
-            if exif_orientation(image) in _QUARTER_TURNS:  # cached by to_uint8; the upright image is turned
+            if exif_orientation and read_exif_orientation(image) in _QUARTER_TURNS:  # cached by to_uint8; the upright image is turned
                 width, height = height, width
     return DecodedImage(pixels=pixels, width=width, height=height, format=image_format, mode=mode)
 
@@ -190,6 +194,7 @@ def decode_batch(
     processor: ViTHybridImageProcessor,
     fast: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    exif_orientation: bool = True,
 ) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function (``batch_format="numpy"``): bytes rows in, pixel rows out, one for one.
 
@@ -224,7 +229,9 @@ def decode_batch(
         if prior is not None and prior != "":
             errors[row] = prior
             continue
-        result = decode_sample(datas[row], processor=processor, fast=fast, max_image_pixels=max_image_pixels)
+        result = decode_sample(
+            datas[row], processor=processor, fast=fast, max_image_pixels=max_image_pixels, exif_orientation=exif_orientation
+        )
         if isinstance(result, DecodeError):
             errors[row] = result.reason
             failures += 1

@@ -154,6 +154,7 @@ class InferenceSettings:
     decode_in_actor: bool = False  # batches carry file bytes ("data"); decode them here, in decode_threads threads
     decode_threads: int = 1
     fast_decode: bool = True
+    exif_orientation: bool = True
     max_image_pixels: int = 89_478_485
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
@@ -312,13 +313,15 @@ class InferenceActor:
         GIL while it decodes and resizes. One output row per input row, as :func:`pipeline.decode.decode_batch`."""
         if self._decoders is None or len(batch["key"]) < 2:
             return decode_batch(batch, processor=self.processor, fast=self.settings.fast_decode,
-                                max_image_pixels=self.settings.max_image_pixels)
+                                max_image_pixels=self.settings.max_image_pixels,
+                                exif_orientation=self.settings.exif_orientation)
         count = len(batch["key"])
         bounds = np.linspace(0, count, min(count, self.settings.decode_threads) + 1).astype(int)
         pieces = list(self._decoders.map(
             lambda edge: decode_batch(
                 {name: column[edge[0] : edge[1]] for name, column in batch.items()}, processor=self.processor,
                 fast=self.settings.fast_decode, max_image_pixels=self.settings.max_image_pixels,
+                exif_orientation=self.settings.exif_orientation,
             ),
             itertools.pairwise(bounds),
         ))

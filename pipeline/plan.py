@@ -60,7 +60,8 @@ from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState, sanitize_arguments, sanitize_uri
 from pipeline.shards import CompleteShard, ShardTracker
 from pipeline.sink import output_schema
-from pipeline.writer import finalize_shard, write_fragments
+from pipeline.writer import UNREADABLE, finalize_shard, write_fragments
+from pipeline.preflight import connect_ray, plan_input, run_preflight
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ class JobError(RuntimeError):
     """
 
 
+class UnreadableShardsError(JobError):
+    """Some shards yielded nothing but a shard-error row (not a tar, not Parquet): not committed, so a rerun reads
+    them again once the files are fixed. The job's exit code says so even if every other shard succeeded."""
+
+
 class IncompleteShardsError(JobError):
     """The dataset ended while some shards still missed rows (rows lost between stages); a rerun redoes them."""
 
@@ -129,14 +135,16 @@ def read_and_decode_shards(
         for table in sources.read_shard(
             shard,
             storage_options=config.storage_options,
-            batch_rows=rows_per_batch,
-            id_column=config.id_column,
-            image_column=config.image_column,
+            batch_rows=rows_per_batch,  # the columns frozen in the shard at planning are what it reads
         ):
             decoded = (
                 _undecoded(table) if processor is None  # decode_location "actor": the actors decode
                 else decode.decode_batch(
-                    table, processor=processor, fast=config.fast_decode, max_image_pixels=config.max_image_pixels
+                    table,
+                    processor=processor,
+                    fast=config.fast_decode,
+                    max_image_pixels=config.max_image_pixels,
+                    exif_orientation=config.exif_orientation,
                 )
             )
             rows_seen += len(decoded["key"])
@@ -189,7 +197,13 @@ def build_fingerprint(
         task=config.task,
         model_uri=config.model,
         weights_sha256=weights_sha256,
-        preprocessing={**processor.to_dict(), "fast_decode": config.fast_decode},
+        preprocessing={
+            **processor.to_dict(),
+            "fast_decode": config.fast_decode,
+            "exif_orientation": config.exif_orientation,
+            "id_column": config.id_column,
+            "image_column": config.image_column,
+        },
         dtype=compute_dtype,
         top_k=config.top_k if config.task == "classify" else None,
         embedding_dtype=config.embedding_dtype,
@@ -209,26 +223,16 @@ def run_job(config: JobConfig) -> JobSummary:
     Ray is needed; then ``ray.init()`` is called unless Ray is already initialised, so the same code runs in-process,
     in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
-    from model.configuration import ViTHybridConfig
-    from model.weights import checkpoint_fingerprint
-
     started = time.monotonic()
-    with _storage_step("cannot load model", config.model):
-        model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
-        # The weights' identity from their metadata (no full read on the driver: issue 11); fails fast on a missing
-        # or non-safetensors file. The actors read the weights.
-        checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
-        processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
+    # Output, model files, input plan (unless resuming), weights' identity: every check that needs no Ray, cheapest
+    # first (pipeline/preflight.py), so that a wrong flag fails in seconds, before Ray starts. The weights' identity
+    # comes from their metadata (no full read on the driver); the actors read the weights.
+    checked = run_preflight(config)
+    model_config, processor, checkpoint = checked.model_config, checked.processor, checked.checkpoint
 
     def list_input() -> list[sources.Shard]:
-        # Called only for a new job: a resume reads the frozen plan and never lists the input again.
-        with _storage_step("cannot read input", config.input):
-            return sources.plan_shards(
-                config.input,
-                format=config.format,
-                storage_options=config.storage_options,
-                images_per_shard=config.images_per_shard,
-            )
+        # Called by OutputState only for a new job: a resume reads the frozen plan and never lists the input again.
+        return checked.shards if checked.shards is not None else plan_input(config)
 
     compute: ComputePlan | None = None
     compute_dtype = _dtype_without_cluster(config)
@@ -285,11 +289,7 @@ def run_job(config: JobConfig) -> JobSummary:
 
 
 def _connect_ray() -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    return ray
+    return connect_ray()  # a failure to start or join Ray is a ClusterStartError (exit code 4)
 
 
 def _compute_plan(config: JobConfig, ray: Any) -> ComputePlan:
@@ -355,6 +355,7 @@ def inference_settings(config: JobConfig, compute: ComputePlan) -> InferenceSett
         decode_in_actor=config.decode_location == "actor",
         decode_threads=max(1, int(compute.actor_resources.get("num_cpus", 1))),
         fast_decode=config.fast_decode,
+        exif_orientation=config.exif_orientation,
         max_image_pixels=config.max_image_pixels,
         storage_options=config.storage_options or None,
     )
@@ -434,6 +435,7 @@ class RayFinalizer:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.max_in_flight = max(4, min(64, cpus))
         self._in_flight: dict[Any, str] = {}
+        self.unreadable: dict[str, str] = {}  # shard id -> why none of its samples could be read (not committed)
 
     @property
     def in_flight(self) -> int:
@@ -457,16 +459,18 @@ class RayFinalizer:
         self._in_flight[ref] = shard.shard_id
 
     def collect(self, *, block: bool) -> int:
-        """Results of the finished tasks (waiting for at least one if ``block``); returns how many committed."""
+        """Results of the finished tasks (waiting for at least one if ``block``); returns how many committed (an
+        unreadable shard is recorded in :attr:`unreadable` instead)."""
         if not self._in_flight:
             return 0
         done, _ = self._ray.wait(
             list(self._in_flight), num_returns=1 if block else len(self._in_flight), timeout=None if block else 0
         )
+        committed = 0
         for ref in done:
             shard_id = self._in_flight.pop(ref)
             try:
-                self._ray.get(ref)
+                result = self._ray.get(ref)
             except Exception as error:  # noqa: BLE001 - storage errors become a JobError, the rest re-raised
                 cause = getattr(error, "cause", None)
                 cause = cause if isinstance(cause, BaseException) else error
@@ -476,7 +480,11 @@ class RayFinalizer:
                         f"{_describe_storage_error(cause)}"
                     ) from error
                 raise cause from error
-        return len(done)
+            if UNREADABLE in result:
+                self.unreadable[shard_id] = result[UNREADABLE]
+            else:
+                committed += 1
+        return committed
 
 
 def _track_and_finalize(config: JobConfig, dataset: Any, summary: JobSummary, finalizer: Any) -> None:
@@ -518,13 +526,20 @@ def _track_and_finalize(config: JobConfig, dataset: Any, summary: JobSummary, fi
         summary.shards_committed += finalizer.collect(block=True)
     if failure is not None:
         raise failure from None
-    if _error_budget_exceeded(summary, config.max_error_fraction):
+    if _error_budget_exceeded(summary, config.max_error_fraction, final=True):
         summary.status = "aborted"
         raise JobAborted(
             f"{summary.errors} of {summary.samples} samples failed to decode "
             f"(more than --max-error-fraction {config.max_error_fraction}); "
             f"{summary.shards_committed} finished shards were committed to {summary.output}. "
             "Check the input, or raise --max-error-fraction and run the same command again to resume."
+        )
+    if finalizer.unreadable:
+        described = "; ".join(f"{shard_id}: {reason}" for shard_id, reason in sorted(finalizer.unreadable.items())[:3])
+        raise UnreadableShardsError(
+            f"{len(finalizer.unreadable)} shard(s) could not be read at all and were not committed ({described}); "
+            f"{summary.shards_committed} other shards were committed to {summary.output}. Fix or replace those files "
+            "and run the same command again to read them."
         )
     incomplete = tracker.pending_shards()
     if incomplete:
@@ -561,8 +576,14 @@ def _find_cause(error: BaseException, wanted: type[BaseException]) -> BaseExcept
 MIN_SAMPLES_FOR_ERROR_BUDGET = 100
 
 
-def _error_budget_exceeded(summary: JobSummary, max_error_fraction: float) -> bool:
-    """Judge the error rate only once enough samples were seen for the fraction to mean something."""
+def _error_budget_exceeded(summary: JobSummary, max_error_fraction: float, *, final: bool = False) -> bool:
+    """Mid-job, judge the error rate only once enough samples were seen for the fraction to mean something (so a bad
+    first batch does not stop a big job). At the end (``final``) every job is judged, whatever its size, and a job
+    where every sample failed is never a success, whatever ``max_error_fraction`` allows."""
+    if summary.samples == 0:
+        return False
+    if final:
+        return summary.errors == summary.samples or summary.errors / summary.samples > max_error_fraction
     if summary.samples < MIN_SAMPLES_FOR_ERROR_BUDGET:
         return False
     return summary.errors / summary.samples > max_error_fraction

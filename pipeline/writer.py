@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ORDINAL_COLUMN, SHARD_ID_COLUMN, SHARD_ROWS_COLUMN
 from pipeline.failpoints import failpoint
 from pipeline.layout import CommitRecord, OutputLayout
+from pipeline.sources import is_whole_shard_failure
 from pipeline.shards import (
     ERROR_ORDINALS_COLUMN,
     FRAGMENT_COLUMN,
@@ -37,6 +38,9 @@ from pipeline.shards import (
 from pipeline.sink import ParquetShardWriter
 
 logger = logging.getLogger(__name__)
+
+#: The key of ``finalize_shard``'s result for a shard that could not be read at all.
+UNREADABLE = "unreadable"
 
 # Fragments live minutes and are read once: lz4 costs little CPU and still halves the string columns.
 FRAGMENT_COMPRESSION = "lz4"
@@ -146,7 +150,8 @@ def finalize_shard(
     metadata: Mapping[str, str],
     schema: pa.Schema,
 ) -> dict:
-    """Commit one complete shard from its fragments (see :mod:`pipeline.manifest`, step 3); returns its commit record.
+    """Commit one complete shard from its fragments (see :mod:`pipeline.manifest`, step 3); returns its commit record,
+    or ``{UNREADABLE: reason}`` for a shard none of whose samples could be read (not committed).
 
     Safe to run twice (a retried task): it reads the same fragments and writes the same names; an attempt that finds
     the commit record already written only removes the fragments.
@@ -158,6 +163,11 @@ def finalize_shard(
         layout.delete_fragments(fragments)
         return CommitRecord.from_dict(existing).to_dict()
     table = read_fragments(layout, shard_id, fragments, rows)
+    if is_whole_shard_failure(table):
+        # Nothing of the shard was read (not a tar, not Parquet, a column the file lacks): committing it would make a
+        # rerun skip it after the cause is fixed. Its fragments go; the driver reports it and exits 5.
+        layout.delete_fragments(fragments)
+        return {UNREADABLE: str(table.column("error")[0].as_py())}
     writer = ParquetShardWriter(
         layout.output_uri,
         rows_per_file=rows_per_file,

@@ -55,7 +55,7 @@ def expected_predictions(
         for key, sample in samples.items():
             if sample.bad:
                 continue
-            pixels = processor.to_uint8(Image.open(io.BytesIO(sample.data)), fast=fast)
+            pixels = processor.to_uint8(Image.open(io.BytesIO(sample.data)), fast=fast, exif_orientation=True)
             output = model(normalizer(torch.from_numpy(pixels[None])))
             probabilities = torch.softmax(output.logits, dim=-1)[0]
             scores, ids = probabilities.topk(top_k)

@@ -105,7 +105,8 @@ def test_each_hostile_input_gives_one_result(processor, name: str, fast: bool) -
         assert result.pixels.shape == (384, 384, 3) and result.pixels.dtype == np.uint8
         assert result.pixels.any(), "a decoded photo is not black"
         # The same bytes through the processor directly (first frame, header size): decode adds nothing else.
-        assert np.array_equal(result.pixels, processor.to_uint8(Image.open(io.BytesIO(data)), fast=fast))
+        expected = processor.to_uint8(Image.open(io.BytesIO(data)), fast=fast, exif_orientation=True)
+        assert np.array_equal(result.pixels, expected)
 
 
 def test_our_pixel_limit_is_checked_on_the_header_before_decoding(processor, monkeypatch) -> None:

@@ -42,7 +42,7 @@ def write_inputs(base: str, input_format: str) -> tuple[str, dict[tuple[str, str
     if input_format == "webdataset":
         for index in range(3):
             uri = f"{base}/shards/part-{index:03d}.tar"
-            shard = make_samples(40, seed=index, prefix=f"w{index}/img.", bad_every=9)
+            shard = make_samples(40, seed=index, prefix=f"w{index}.v1/img-", bad_every=9)  # folders may hold dots; keys end at the name's first dot
             write_webdataset(uri, shard)
             samples.update({(uri, sample.key): sample for sample in shard})
         return f"{base}/shards", samples

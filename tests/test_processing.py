@@ -22,7 +22,11 @@ import transformers
 from PIL import Image, ImageOps
 
 from model import processing
-from model.processing import PixelNormalizer, ResizeTooLargeError, ViTHybridImageProcessor
+from model.processing import (
+    PixelNormalizer,
+    ResizeTooLargeError,
+    ViTHybridImageProcessor,
+)
 
 # google/vit-hybrid-base-bit-384's preprocessor_config.json.
 CHECKPOINT_CONFIG = {
@@ -159,18 +163,35 @@ def test_preprocess_overrides_match_the_reference(reference, processor) -> None:
         processor(image, crop_pct=0.9)
 
 
-def test_exif_orientation_is_applied(reference, processor) -> None:
-    """We rotate by EXIF (the reference does not): equal to the reference fed ImageOps.exif_transpose's output."""
+@pytest.mark.parametrize("name", ["astronaut", "chelsea"])
+def test_processor_equals_the_reference_on_photos_with_every_exif_orientation(reference, processor, name) -> None:
+    """The drop-in API ignores EXIF orientation exactly as transformers' processor does: bit for bit, tags 1-8."""
+    exif = Image.Exif()
+    base = photo(name, (600, 400))
+    for orientation in range(1, 9):
+        exif[ExifOrientation] = orientation
+        data = jpeg_bytes(base, exif=exif.tobytes())
+        assert Image.open(io.BytesIO(data)).getexif()[ExifOrientation] == orientation
+        expected = reference(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
+        got = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
+        assert torch.equal(got, expected), orientation
+        assert torch.equal(split_path(processor, Image.open(io.BytesIO(data))), expected), orientation
+
+
+def test_to_uint8_with_exif_orientation_equals_the_reference_on_the_upright_photo(reference, processor) -> None:
+    """The pipeline's form turns photos upright first: the reference fed ImageOps.exif_transpose's output."""
     exif = Image.Exif()
     base = photo("astronaut", (600, 400))
     for orientation in range(1, 9):
         exif[ExifOrientation] = orientation
-        image = Image.open(io.BytesIO(jpeg_bytes(base, exif=exif.tobytes())))
-        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg_bytes(base, exif=exif.tobytes()))))
+        data = jpeg_bytes(base, exif=exif.tobytes())
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         expected = reference(upright, return_tensors="pt")["pixel_values"]
-        assert torch.equal(split_path(processor, image), expected), orientation
-        image = Image.open(io.BytesIO(jpeg_bytes(base, exif=exif.tobytes())))
-        assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], expected), orientation
+        crop = processor.to_uint8(Image.open(io.BytesIO(data)), exif_orientation=True)
+        assert torch.equal(processor.normalizer()(torch.from_numpy(crop)[None]), expected), orientation
+        if orientation != 1:
+            plain = processor.to_uint8(Image.open(io.BytesIO(data)))
+            assert not np.array_equal(crop, plain), orientation
 
 
 ExifOrientation = 0x0112
@@ -252,7 +273,7 @@ def test_lookup_table_is_the_reference_arithmetic_for_every_value() -> None:
 
     settings = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # (256, 1, 3) HWC
-    expected = normalize(rescale(every_value, 1 / 255), **{"mean": settings["image_mean"], "std": settings["image_std"]})
+    expected = normalize(rescale(every_value, 1 / 255), mean=settings["image_mean"], std=settings["image_std"])
     table = ViTHybridImageProcessor(**settings).normalizer().table.view(3, 256)
     np.testing.assert_array_equal(table.numpy().T, expected[:, 0, :])
 
@@ -272,21 +293,26 @@ def test_fast_path_deviation_on_12_megapixel_jpegs(processor) -> None:
         exif = Image.Exif()
         exif[ExifOrientation] = orientation
         data = jpeg_bytes(photo(name, size), exif=exif.tobytes())
-        exact = processor.to_uint8(Image.open(io.BytesIO(data)))
-        fast = processor.to_uint8(Image.open(io.BytesIO(data)), fast=True)
+        exact = processor.to_uint8(Image.open(io.BytesIO(data)), exif_orientation=True)
+        fast = processor.to_uint8(Image.open(io.BytesIO(data)), fast=True, exif_orientation=True)
         difference = np.abs(exact.astype(np.int16) - fast)
         assert difference.max() <= 10, (name, difference.max())
         assert difference.mean() <= 0.5, (name, difference.mean())
         assert np.percentile(difference, 99) <= 3, name
 
 
-def test_fast_path_does_not_touch_small_images_much(processor) -> None:
-    """No draft for images that are not downscaled 2x; only the float box of the crop window differs from exact."""
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
+def test_fast_path_is_bit_exact_where_draft_decoding_does_not_apply(processor, image_format) -> None:
+    """Non-JPEG files of any size, and JPEGs less than twice the input size, take the exact path: identical bytes."""
+    # JPEGs with a short side under twice the 384 target are not drafted; PNG and WebP never are.
+    sizes = [(500, 375), (767, 1000), (1000, 700)] + ([(2000, 1600), (1000, 872)] if image_format != "JPEG" else [])
     for name in ("coffee", "rocket"):
-        data = jpeg_bytes(photo(name, (500, 375)))
-        exact = processor.to_uint8(Image.open(io.BytesIO(data)))
-        fast = processor.to_uint8(Image.open(io.BytesIO(data)), fast=True)
-        assert np.abs(exact.astype(np.int16) - fast).max() <= 1
+        for size in sizes:
+            buffer = io.BytesIO()
+            photo(name, size).save(buffer, image_format, **({"quality": 90} if image_format != "PNG" else {}))
+            exact = processor.to_uint8(Image.open(io.BytesIO(buffer.getvalue())))
+            fast = processor.to_uint8(Image.open(io.BytesIO(buffer.getvalue())), fast=True)
+            assert np.array_equal(exact, fast), (name, size, image_format)
 
 
 def test_fast_path_orientation_keeps_geometry(processor) -> None:
@@ -301,8 +327,8 @@ def test_fast_path_orientation_keeps_geometry(processor) -> None:
         exif = Image.Exif()
         exif[ExifOrientation] = orientation
         data = jpeg_bytes(base, exif=exif.tobytes())
-        exact = processor.to_uint8(Image.open(io.BytesIO(data)))
-        fast = processor.to_uint8(Image.open(io.BytesIO(data)), fast=True)
+        exact = processor.to_uint8(Image.open(io.BytesIO(data)), exif_orientation=True)
+        fast = processor.to_uint8(Image.open(io.BytesIO(data)), fast=True, exif_orientation=True)
         assert np.abs(exact.astype(np.int16) - fast).mean() <= 1.2, orientation
 
 

@@ -31,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from model import storage
+from model.storage import write_bytes
 from pipeline.sources import (
     SAMPLE_SCHEMA,
     SHARD_ERROR_KEY,
@@ -41,7 +42,6 @@ from pipeline.sources import (
     plan_shards,
     read_shard,
 )
-from model.storage import write_bytes
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 
@@ -162,28 +162,32 @@ def test_webdataset_prefix_local(tmp_path: Path) -> None:
         assert all(row["error"] is None for row in rows)
 
 
-def test_webdataset_keys_with_dots_and_slashes_and_sidecar_only_samples(tmp_path: Path) -> None:
+def test_webdataset_keys_end_at_the_first_dot_of_the_file_name_and_sidecar_only_samples(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     uri = str(tmp_path / "a.tar")
     write_bytes(
         uri,
         make_tar(
             [
-                ("a/b/img.v2.jpg", png(1)),
-                ("a/b/img.v2.json", b"{}"),
+                ("a.v1/b/img.v2.jpg", png(1)),  # folders may hold dots; the key ends at the file name's first dot
+                ("a.v1/b/img.v2.json", b"{}"),
+                ("a.v1/b/img.meta.json", b"{}"),  # another sidecar of the same sample
                 ("only-meta.json", b"{}"),  # a sample without an image member
                 ("only-meta.txt", b"caption"),
                 ("c.PNG", png(2)),
                 ("c.cls", b"3"),
-                ("noext", b"?"),
+                ("noext", b"?"),  # no key.suffix form: skipped, as the webdataset library does, and logged
             ]
         ),
     )
-    rows = read_all(plan_shards(uri)[0])
-    assert [row["key"] for row in rows] == ["a/b/img.v2", "only-meta", "c", "noext"]
+    with caplog.at_level("WARNING", logger="pipeline.sources"):
+        rows = read_all(plan_shards(uri)[0])
+    assert [row["key"] for row in rows] == ["a.v1/b/img", "only-meta", "c"]
     assert rows[0]["data"] == png(1) and rows[0]["error"] is None
     assert rows[1]["data"] is None and "no image member" in rows[1]["error"] and uri in rows[1]["error"]
     assert rows[2]["data"] == png(2)
-    assert "no image member" in rows[3]["error"]
+    assert "skipped 1 member" in caplog.text and "noext" in caplog.text
 
 
 def test_webdataset_duplicate_keys_are_separate_rows(tmp_path: Path) -> None:
@@ -440,13 +444,26 @@ def test_parquet_corrupt_file_is_one_error_row(tmp_path: Path) -> None:
     assert [row["data"] for row in read_all(shards[0])] == [png(1)]
 
 
-def test_parquet_file_without_the_column_reads_as_one_error_row(tmp_path: Path) -> None:
+def test_parquet_file_without_the_column_reads_as_one_error_row_per_sample(tmp_path: Path) -> None:
     write_bytes(str(tmp_path / "a.parquet"), parquet_bytes(pa.table({"jpg": [png(1)]})))
-    write_bytes(str(tmp_path / "b.parquet"), parquet_bytes(pa.table({"other": [1]})))
+    write_bytes(str(tmp_path / "b.parquet"), parquet_bytes(pa.table({"other": [1, 2, 3]})))
     shards = plan_shards(str(tmp_path))  # only the first file's schema is checked when planning
-    rows = read_all(shards[1])
-    assert [row["key"] for row in rows] == [SHARD_ERROR_KEY]
-    assert "no image column" in rows[0]["error"]
+    rows = read_all(shards[1], batch_rows=2)
+    # Each of the file's three samples is accounted for (the count comes from its footer), not one row for all.
+    assert [row["key"] for row in rows] == ["b.parquet#0", "b.parquet#1", "b.parquet#2"]
+    assert all("no image column" in row["error"] and row["data"] is None for row in rows)
+
+
+def test_named_columns_are_checked_when_planning_and_frozen_in_the_shards(tmp_path: Path) -> None:
+    write_bytes(str(tmp_path / "a.parquet"), parquet_bytes(pa.table({"name": ["x"], "pixels": [png(1)]})))
+    with pytest.raises(InputError, match="image column 'photo' not in .*a.parquet.*pixels"):
+        plan_shards(str(tmp_path), image_column="photo")
+    with pytest.raises(InputError, match="id column 'ident' not in"):
+        plan_shards(str(tmp_path), image_column="pixels", id_column="ident")
+    (shard,) = plan_shards(str(tmp_path), image_column="pixels", id_column="name")
+    assert (shard.image_column, shard.id_column) == ("pixels", "name")
+    restored = Shard.from_dict(json.loads(json.dumps(shard.to_dict())))
+    assert [(row["key"], row["data"]) for row in read_all(restored)] == [("x", png(1))]
 
 
 # ---- images --------------------------------------------------------------------------------------------------------
@@ -714,7 +731,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _FaultyProxy
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _forward(self) -> None:

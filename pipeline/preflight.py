@@ -1,0 +1,134 @@
+"""Start-up checks that need no Ray, run before Ray starts, cheapest first; and starting or joining Ray itself.
+
+A job that cannot run should say so in seconds, with one line naming the URI and the cause, not after the model was
+hashed and a cluster joined. The order is by cost:
+
+1. the output is writable (one small write and delete in its bookkeeping folder ``OUT.job``, never under ``OUT``,
+   which holds only Parquet: catches an output path inside a file, a missing bucket, a read-only location or
+   missing credentials);
+2. the model's small JSON files (``config.json``, ``preprocessor_config.json``) exist and parse;
+3. the input plans (listing; for Parquet the named columns are checked on the first file's footer), unless the
+   output already holds this job's record: a resume reads its frozen plan and never lists the input again;
+4. the weights' identity (:func:`model.weights.checkpoint_fingerprint`: the safetensors header, size and version,
+   not a read of the weights), last because it is the one check that reads part of a large file.
+
+Every failure here is a :class:`pipeline.plan.JobError` (or ``InputError`` / ``CheckpointError``) that ``jobs.cli``
+maps to exit code 2; failing to start or join Ray is a :class:`ClusterStartError` (exit code 4).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from model.storage import filesystem_for
+from pipeline import sources
+from pipeline.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterStartError(RuntimeError):
+    """Ray could not be started in-process, or the cluster named by ``RAY_ADDRESS`` could not be joined."""
+
+
+@dataclass
+class Preflight:
+    """What the checks loaded, so that the job does not load it twice."""
+
+    model_config: Any
+    processor: Any
+    checkpoint: Any  # model.weights.CheckpointFingerprint: the weights' identity without reading them
+    shards: list[sources.Shard] | None  # None when resuming: the frozen plan is used, the input is not listed
+
+
+def run_preflight(config: JobConfig) -> Preflight:
+    """Run every check that needs no Ray, cheapest first (see the module docstring); raise on the first failure."""
+    from model.configuration import ViTHybridConfig
+    from model.processing import ViTHybridImageProcessor
+    from model.weights import checkpoint_fingerprint
+    from pipeline.layout import JOB_FILE, OutputLayout
+    from pipeline.plan import _storage_step
+
+    with _storage_step("cannot write output", config.output):
+        layout = OutputLayout(config.output, config.storage_options)  # refuses a bucket's root
+        check_output_writable(layout.bookkeeping_uri, config.storage_options)
+        resuming = not config.overwrite and layout.book.exists(JOB_FILE)
+    with _storage_step("cannot load model", config.model):
+        model_config = ViTHybridConfig.from_pretrained(config.model, storage_options=config.storage_options)
+        processor = ViTHybridImageProcessor.from_pretrained(config.model, storage_options=config.storage_options)
+    shards = None if resuming else plan_input(config)
+    with _storage_step("cannot load model", config.model):
+        checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
+    return Preflight(model_config=model_config, processor=processor, checkpoint=checkpoint, shards=shards)
+
+
+def plan_input(config: JobConfig) -> list[sources.Shard]:
+    """The shards of ``--input`` for a new job (a resume uses the plan frozen in ``OUT.job``)."""
+    from pipeline.plan import _storage_step
+
+    with _storage_step("cannot read input", config.input):
+        return sources.plan_shards(
+            config.input,
+            format=config.format,
+            storage_options=config.storage_options,
+            images_per_shard=config.images_per_shard,
+            bytes_per_shard=config.bytes_per_shard,
+            id_column=config.id_column,
+            image_column=config.image_column,
+        )
+
+
+def check_output_writable(output: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write and delete one empty object under ``output``; raises the storage error (OSError) naming the cause.
+
+    The caller points it at the bookkeeping folder (``OUT.job``), so that a probe a kill leaves behind never sits
+    among the Parquet files readers glob.
+    """
+    filesystem, path = filesystem_for(output, storage_options)
+    path = path.rstrip("/")
+    protocols = filesystem.protocol if isinstance(filesystem.protocol, (tuple, list)) else (filesystem.protocol,)
+    if "file" in protocols or "local" in protocols:
+        _check_local_parents(output, filesystem, path)
+        filesystem.makedirs(path, exist_ok=True)
+    probe = f"{path}/_preflight-{uuid.uuid4().hex}"
+    filesystem.pipe_file(probe, b"")
+    try:
+        filesystem.rm_file(probe)
+    except FileNotFoundError:
+        pass
+
+
+def _check_local_parents(output: str, filesystem: Any, path: str) -> None:
+    current = path
+    while current and not filesystem.exists(current):
+        parent = current.rpartition("/")[0]
+        if parent == current:
+            break
+        current = parent
+    if current and filesystem.isfile(current):
+        raise NotADirectoryError(f"output {output} is inside a file ({current}); choose a folder")
+
+
+def connect_ray() -> Any:
+    """``ray.init()`` unless Ray is already initialised: joins ``RAY_ADDRESS`` (``ray job submit``) or starts Ray in
+    process. Any failure becomes a :class:`ClusterStartError` with the cause and what to check."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init()
+    except Exception as error:
+        where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start Ray in this process"
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClusterStartError(
+            f"cannot {where}: {type(error).__name__}: {cause}; check that the cluster is up and the address is right "
+            "(or unset RAY_ADDRESS to run locally)"
+        ) from error
+    return ray
