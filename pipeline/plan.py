@@ -41,7 +41,8 @@ from pipeline import decode, sources
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint
 from pipeline.infer import InferenceActor, InferenceSettings, resolve_dtype
-from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler, sanitize_arguments, sanitize_uri
+from pipeline.manifest import JobFingerprint, OutputState, ShardAssembler
+from pipeline.redaction import sanitize_arguments, sanitize_uri
 from pipeline.sink import commit_shard, output_schema
 
 logger = logging.getLogger(__name__)
