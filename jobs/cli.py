@@ -6,8 +6,9 @@ cluster.
 
 Exit codes: 0 done (also when a rerun finds the job already complete); 2 the job cannot run as asked: a flag, the
 model, the input or the output is wrong or refused by storage (``error: ...`` on stderr, naming the URI and the cause,
-no traceback); 3 aborted past ``--max-error-fraction`` after committing the finished shards. After 2 or 3, fix the
-cause and run the same command again: committed shards are kept and skipped.
+no traceback); 3 aborted past ``--max-error-fraction`` after committing the finished shards; 4 a Ray node runs other
+Ray, torch, pyarrow or Python versions than the driver (:mod:`pipeline.versions`). After 2, 3 or 4, fix the cause and
+run the same command again: committed shards are kept and skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.manifest import OutputConflictError
 from pipeline.config import DEVICES, DTYPE_CHOICES, EMBEDDING_DTYPES, FORMATS, JobConfig
 from pipeline.plan import JobAborted, JobError, run_job
 from pipeline.sources import InputError
+from pipeline.versions import EXIT_VERSION_MISMATCH, VersionMismatchError
 
 EXIT_ERROR = 2
 EXIT_ABORTED = 3
@@ -150,6 +152,9 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
     except JobAborted as aborted:
         print(f"aborted: {aborted}", file=sys.stderr)
         return EXIT_ABORTED
+    except VersionMismatchError as mismatch:
+        print(f"error: {mismatch}", file=sys.stderr)
+        return EXIT_VERSION_MISMATCH
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR

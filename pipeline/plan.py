@@ -231,6 +231,9 @@ def run_job(config: JobConfig) -> JobSummary:
 
     schema = output_schema(config.task, model_config.hidden_size, config.embedding_dtype)
     if pending:
+        from pipeline.versions import check_cluster
+
+        check_cluster(_connect_ray())  # refuse nodes whose Ray/torch/pyarrow differ from the driver's (exit code 4)
         if use_gpu is None:
             use_gpu = _use_gpu(config, _connect_ray())
         dataset = _build_dataset(config, pending, processor, use_gpu=use_gpu, compute_dtype=compute_dtype)
