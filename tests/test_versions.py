@@ -37,7 +37,10 @@ DRIVER = {"ray": "2.60.0", "torch": "2.13.0+cpu", "pyarrow": "26.0.1", "python":
         ({"pyarrow": "25.0.0"}, [("pyarrow", True)]),
         ({"python": "3.11.9"}, [("python", False)]),
         ({"python": "3.12.1"}, [("python", True)]),
-        ({"ray": "2.59.0", "pyarrow": "25.0.0", "torch": "2.13.1"}, [("ray", True), ("torch", False), ("pyarrow", True)]),
+        (
+            {"ray": "2.59.0", "pyarrow": "25.0.0", "torch": "2.13.1"},
+            [("ray", True), ("torch", False), ("pyarrow", True)],
+        ),
     ],
 )
 def test_which_differences_matter(worker: dict[str, str], expected: list[tuple[str, bool]]) -> None:
