@@ -28,6 +28,7 @@ DRIVER = {"ray": "2.60.0", "torch": "2.13.0+cpu", "pyarrow": "26.0.1", "python":
         ({}, []),
         ({"torch": "2.13.0+cu128"}, []),  # CPU driver, CUDA actors: the normal set-up
         ({"torch": "2.13.0"}, []),
+        ({"torch": "2.13.0.dev20260101"}, []),  # a nightly of the same release: the numeric part is equal
         ({"ray": "2.60.1"}, [("ray", True)]),
         ({"ray": "2.59.0"}, [("ray", True)]),
         ({"torch": "2.13.1+cu128"}, [("torch", False)]),
@@ -63,11 +64,17 @@ def test_refusal_names_the_worker_the_package_both_versions_and_the_fix() -> Non
     assert "pyarrow 26.0.1 on the driver, 25.0.0 on the worker" in message
     assert "torch" not in message  # a patch difference is tolerated, not reported as the cause
     assert "requirements.lock" in message
+    with pytest.raises(VersionMismatchError) as two:
+        check_versions(DRIVER, {**DRIVER, "ray": "2.59.0", "python": "3.12.0"}, "an actor")
+    assert "ray 2.60.0 on the driver, 2.59.0 on the worker; python 3.11.7 on the driver, 3.12.0 on the worker." in str(
+        two.value
+    )
 
 
 def test_tolerated_difference_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    check_versions(DRIVER, {**DRIVER, "torch": "2.13.1"}, "an actor")
-    assert "torch 2.13.0+cpu on the driver, 2.13.1 on the worker" in caplog.text
+    check_versions(DRIVER, {**DRIVER, "torch": "2.13.1"}, "an actor on node 7")
+    expected = "version difference with an actor on node 7 (tolerated): torch 2.13.0+cpu on the driver, 2.13.1"
+    assert expected in caplog.text
 
 
 def test_local_versions_are_this_process() -> None:
