@@ -11,7 +11,8 @@ Exit codes (every failure is one line on stderr, naming the URI and the cause, n
   a shard failed for a storage reason;
 * 3 too many failed samples: more than ``--max-error-fraction`` (judged at the end for jobs of any size, and mid-job
   once 100 samples are in), or every sample failed; finished shards are committed;
-* 4 Ray could not be started, or the cluster at ``RAY_ADDRESS`` could not be joined;
+* 4 the cluster cannot run the job: Ray could not be started, the cluster at ``RAY_ADDRESS`` could not be joined,
+  or a node runs other Ray, torch, pyarrow or Python versions than the driver (:mod:`pipeline.versions`);
 * 5 some shards could not be read at all (not a tar, not Parquet): they are not committed, the others are.
 
 After 2-5, fix the cause and run the same command again: committed shards are kept and skipped.
@@ -32,6 +33,7 @@ from pipeline.plan import JobAborted, JobError, UnreadableShardsError, run_job
 from pipeline.preflight import ClusterStartError
 from pipeline.sources import InputError
 from pipeline.sources.registry import format_names
+from pipeline.versions import EXIT_VERSION_MISMATCH, VersionMismatchError
 
 EXIT_ERROR = 2
 EXIT_ABORTED = 3
@@ -189,6 +191,9 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
     except UnreadableShardsError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNREADABLE_SHARDS
+    except VersionMismatchError as mismatch:
+        print(f"error: {mismatch}", file=sys.stderr)
+        return EXIT_VERSION_MISMATCH
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -134,7 +134,7 @@ class _JsonConfig:
         return uri
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
+        return isinstance(other, _JsonConfig) and type(other) is type(self) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
@@ -220,7 +220,8 @@ class BitConfig(_JsonConfig):
     @property
     def stage_channels(self) -> list[int]:
         """Output channels of the stem and of every stage, as the network builds them."""
-        return [self.embedding_size] + [make_div(size * self.width_factor) for size in self.hidden_sizes[: len(self.depths)]]
+        stages = self.hidden_sizes[: len(self.depths)]
+        return [self.embedding_size] + [make_div(size * self.width_factor) for size in stages]
 
     @property
     def out_channels(self) -> int:
@@ -282,10 +283,10 @@ def _aligned_out_features(
         if positive != sorted(set(positive)):
             raise ValueError(f"BitConfig.out_indices={list(out_indices)!r} must be unique and increasing")
         out_indices = positive
-    if out_features is None and out_indices is None:
-        return [stage_names[-1]], [len(stage_names) - 1]
     if out_features is None:
-        return [stage_names[index] for index in out_indices], list(out_indices)  # type: ignore[union-attr]
+        if out_indices is None:
+            return [stage_names[-1]], [len(stage_names) - 1]
+        return [stage_names[index] for index in out_indices], list(out_indices)
     if out_indices is None:
         return out_features, [stage_names.index(name) for name in out_features]
     if out_features != [stage_names[index] for index in out_indices]:
@@ -419,7 +420,8 @@ class ViTHybridConfig(_JsonConfig):
         if featmap[1] != channels:
             raise ValueError(
                 f"{owner}.backbone_featmap_shape={featmap!r} says {featmap[1]} channels but the backbone's output "
-                f"stage {self.backbone_config.out_features[-1]!r} has {channels}; allowed value for the channels: {channels}"
+                f"stage {self.backbone_config.out_features[-1]!r} has {channels}; "
+                f"allowed value for the channels: {channels}"
             )
         if self.num_channels != self.backbone_config.num_channels:
             raise ValueError(
@@ -501,17 +503,23 @@ def _as_bit_config(backbone_config: Mapping[str, Any] | BitConfig | Any | None) 
         return BitConfig(**_default_backbone_config())
     if isinstance(backbone_config, BitConfig):
         return copy.deepcopy(backbone_config)
-    if not isinstance(backbone_config, Mapping):
+    values: Mapping[str, Any]
+    if isinstance(backbone_config, Mapping):
+        values = backbone_config
+    else:
         to_dict = getattr(backbone_config, "to_dict", None)
         if to_dict is None:
-            raise ValueError(f"ViTHybridConfig.backbone_config must be a dict or a BitConfig, got {type(backbone_config).__name__}")
-        backbone_config = to_dict()
-    model_type = backbone_config.get("model_type", BitConfig.model_type)
+            raise ValueError(
+                "ViTHybridConfig.backbone_config must be a dict or a BitConfig, "
+                f"got {type(backbone_config).__name__}"
+            )
+        values = to_dict()
+    model_type = values.get("model_type", BitConfig.model_type)
     if model_type != BitConfig.model_type:
         raise ValueError(
             f"ViTHybridConfig.backbone_config.model_type={model_type!r} is not supported; allowed values: 'bit'"
         )
-    return BitConfig.from_dict(backbone_config)
+    return BitConfig.from_dict(values)
 
 
 def _label_maps(
@@ -522,8 +530,8 @@ def _label_maps(
         count = 2 if num_labels is None else int(num_labels)
         if count < 0:
             raise ValueError(f"ViTHybridConfig.num_labels={count} must not be negative")
-        id2label = {index: f"LABEL_{index}" for index in range(count)}
-        return dict(id2label), {label: index for index, label in id2label.items()}
+        defaults = {index: f"LABEL_{index}" for index in range(count)}
+        return defaults, {label: index for index, label in defaults.items()}
     if num_labels is not None and num_labels != len(id2label):
         logger.warning("num_labels=%d disagrees with id2label (%d entries); using id2label", num_labels, len(id2label))
     try:

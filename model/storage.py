@@ -130,7 +130,9 @@ def with_retries(
             if attempt == attempts or not is_retryable(error):
                 raise
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            logger.warning("%s failed (attempt %d/%d: %s); retrying in %.2fs", description, attempt, attempts, error, delay)
+            logger.warning(
+                "%s failed (attempt %d/%d: %s); retrying in %.2fs", description, attempt, attempts, error, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 

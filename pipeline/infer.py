@@ -225,6 +225,9 @@ class InferenceActor:
     """
 
     def __init__(self, settings: InferenceSettings) -> None:
+        from pipeline.versions import check_this_worker
+
+        check_this_worker()  # a node the autoscaler added after start-up may run other versions than the driver
         record_placement("actor")  # inert unless VIT_HYBRID_PLACEMENT_LOG is set (multi-node tests)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)

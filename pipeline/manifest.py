@@ -64,18 +64,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import numpy as np
 import pyarrow as pa
 
 from model.storage import StorageOptions, write_bytes
 from pipeline.failpoints import failpoint
+from pipeline.redaction import sanitize_arguments, sanitize_uri, strip_uri_credentials
 from pipeline.layout import (
     JOB_FILE,
     MANIFEST_FILE,
@@ -90,7 +88,6 @@ from pipeline.layout import (
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: bookkeeping beside the output, plan as Parquet, error rows in their own files
-MASK = "***"
 
 __all__ = [
     "CommitRecord",
@@ -116,143 +113,6 @@ def _utc_now() -> str:
 def _canonical(value: Any) -> Any:
     """JSON round-trip, so that tuples and lists (or int and str keys) compare as they will once stored."""
     return json.loads(json.dumps(value, sort_keys=True))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Credentials
-# --------------------------------------------------------------------------------------------------------------------
-
-_SECRET_TOKENS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "passwd",
-        "pwd",
-        "session",
-        "credential",
-        "credentials",
-        "auth",
-        "authorization",
-        "signature",
-        "apikey",
-        "private",
-    }
-)
-_NAME_TOKENS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-# ``name=value`` inside a free-form string (a command line, a query string, a connection string).
-_INLINE_ASSIGNMENT = re.compile(
-    r"(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)(?P<sep>['\"]?\s*[=:]\s*['\"]?)(?P<value>[^\s&;,'\"]+)"
-)
-
-
-def is_secret_name(name: str) -> bool:
-    """True for names whose values are credentials: ``secret``, ``aws_session_token``, ``apiKey``, ``--password``.
-
-    Names are split into words so that ``key`` matches ``aws_access_key_id`` and ``sse_customer_key`` but not
-    ``top_k`` or ``keys_column``. Every ``aws_*`` name counts: that is where AWS credentials live, and masking a
-    harmless one (a region) costs little.
-    """
-    lowered = name.lower().lstrip("-")
-    if lowered.startswith("aws_") or lowered.startswith("aws-") or "access_key" in lowered:
-        return True
-    words = {word.lower() for word in _NAME_TOKENS.findall(name)}
-    return bool(words & _SECRET_TOKENS)
-
-
-def sanitize_uri(uri: str) -> str:
-    """Drop ``user:password@`` from a URI and mask credential-like query parameters (pre-signed URLs)."""
-    if "://" not in uri:
-        return uri
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = parts.query
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(is_secret_name(name) for name, _ in pairs):
-        query = urlencode([(name, MASK if is_secret_name(name) else value) for name, value in pairs], safe="*")
-    if netloc == parts.netloc and query == parts.query:
-        return uri  # untouched, byte for byte: object keys may hold '?' or '#' that a rebuild would normalise
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _sanitize_string(text: str) -> str:
-    stripped = text.strip()
-    if stripped[:1] in "{[":
-        # A JSON document passed as one argument (``--storage-options '{"secret": ...}'``).
-        try:
-            return json.dumps(sanitize_arguments(json.loads(stripped)))
-        except json.JSONDecodeError:
-            pass
-    if not any(char.isspace() for char in stripped):
-        if "://" in stripped:
-            return sanitize_uri(stripped)
-        if stripped.startswith(("/", "./", "../", "~")):
-            # A path: ``/data/session=3/`` is a Hive-style partition, not a credential.
-            return text
-    text = _USERINFO.sub(r"\g<scheme>", text)
-
-    def mask(match: re.Match[str]) -> str:
-        if not is_secret_name(match["name"]) or match["value"] == MASK:
-            return match[0]
-        return f"{match['name']}{match['sep']}{MASK}"
-
-    return _INLINE_ASSIGNMENT.sub(mask, text)
-
-
-def sanitize_arguments(obj: Any) -> Any:
-    """Return a JSON-ready copy of job arguments with every credential masked; safe to store and to log.
-
-    Handles nested mappings and lists (storage options inside a config), dataclasses, URIs with ``user:password@``
-    or pre-signed query strings, JSON documents passed as strings, ``name=value`` pairs inside strings, and
-    command lines (``["--secret", "abc"]`` masks ``abc``). Values under secret-looking keys become ``"***"``, so a
-    reader still sees that the option was set.
-    """
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {
-            str(name): MASK if is_secret_name(str(name)) and value is not None else sanitize_arguments(value)
-            for name, value in obj.items()
-        }
-    if isinstance(obj, (list, tuple)):
-        cleaned: list[Any] = []
-        mask_next = False
-        for item in obj:
-            if mask_next and isinstance(item, str) and not item.startswith("--"):
-                cleaned.append(MASK)
-                mask_next = False
-                continue
-            mask_next = isinstance(item, str) and item.startswith("-") and "=" not in item and is_secret_name(item)
-            cleaned.append(sanitize_arguments(item))
-        return cleaned
-    if isinstance(obj, str):
-        return _sanitize_string(obj)
-    if obj is None or isinstance(obj, (bool, int, float)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return _sanitize_string(str(obj))
-
-
-def strip_uri_credentials(obj: Any) -> Any:
-    """Copy of a JSON-like value with :func:`sanitize_uri` applied to every URI string, and nothing else changed.
-
-    For the shard plan: its entries are produced by the source lister, not typed by a user, so the only place a
-    credential can hide is a URI; masking by key names or ``name=value`` patterns there could corrupt an image path
-    (``cats/session=3/x.jpg``) that a resume must read back.
-    """
-    if isinstance(obj, Mapping):
-        return {str(name): strip_uri_credentials(value) for name, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strip_uri_credentials(item) for item in obj]
-    if isinstance(obj, str) and "://" in obj:
-        return sanitize_uri(obj)
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------------------------

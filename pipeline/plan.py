@@ -57,11 +57,13 @@ from pipeline.config import NO_ERROR, NOT_LAST_ROW, JobConfig
 from pipeline.failpoints import failpoint, record_placement
 from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.layout import OutputLayout
-from pipeline.manifest import JobFingerprint, OutputState, sanitize_arguments, sanitize_uri
+from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.shards import CompleteShard, ShardTracker
 from pipeline.sink import output_schema
 from pipeline.writer import UNREADABLE, finalize_shard, write_fragments
 from pipeline.preflight import connect_ray, plan_input, run_preflight
+from pipeline.redaction import sanitize_arguments, sanitize_uri
+from pipeline.versions import check_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +273,7 @@ def run_job(config: JobConfig) -> JobSummary:
     if pending.num_rows:
         if compute is None:
             compute = _compute_plan(config, _connect_ray())
+        check_cluster(_connect_ray())  # refuse nodes whose Ray/torch/pyarrow differ from the driver's (exit code 4)
         dataset = _build_dataset(config, pending, processor, state.layout, compute)
         finalizer = RayFinalizer(config, state.layout, state.parquet_metadata, schema)
         try:

@@ -38,11 +38,11 @@ PLAN_SCHEMA = pa.schema(
 
 
 def _strip_credentials(column: pa.Array) -> pa.Array:
-    """Apply :func:`pipeline.manifest.sanitize_uri` to the values that can hold a credential (``user@`` or a query).
+    """Apply :func:`pipeline.redaction.sanitize_uri` to the values that can hold a credential (``user@`` or a query).
 
     Vectorised pre-filter: of ten million plain URIs none holds ``@`` or ``?``, and none is touched by Python.
     """
-    from pipeline.manifest import sanitize_uri
+    from pipeline.redaction import sanitize_uri
 
     suspicious = pc.fill_null(pc.match_substring_regex(column, r"://[^/]*@|\?"), False)
     if not pc.any(suspicious).as_py():

@@ -1,7 +1,8 @@
 """Parity of the native model with transformers 4.57 on random weights, plus its own inference machinery.
 
 Every comparison loads the reference's weights through files written by transformers' ``save_pretrained`` (or
-by timm's layout), so loading is tested along with the arithmetic. fp32 outputs must agree within 1e-4.
+by timm's layout), so loading is tested along with the arithmetic. fp32 tolerances are what the model achieves on
+this suite's inputs, with margin (measured figures beside the constants below).
 """
 
 from __future__ import annotations
@@ -37,13 +38,24 @@ from tests.reference import (
 
 pytest.importorskip("transformers")
 
-ATOL = 1e-4
+# Max |ours - reference| in fp32 on a 2-core AVX2 CPU (measured at a487fd4 over every comparison in this file):
+#   small configs, outputs (logits, embeddings, pooler, attentions, gradients): at most 1.3e-5 (logits 8.6e-6)
+#   small configs, hidden states (values up to ~30, so a few float32 ulps):    at most 9.8e-5
+#   full size 384x384 (24 backbone blocks, 12 layers): logits 3.4e-5, embedding 2.8e-5, hidden states 1.8e-5
+# The output tolerance was 1e-4 (7x what the model achieves), so a wrong epsilon failed it by only 1.2x; hidden
+# states stay at 1e-4, which a GroupNorm epsilon of 1e-6 instead of 1e-5 already exceeds 2.9x.
+ATOL = 3e-5  # small-config outputs: 2.3x the largest measured difference
+HIDDEN_STATE_ATOL = 1e-4  # hidden states of any size and last_hidden_state
+FULL_SIZE_ATOL = 7e-5  # full-size logits and embedding: 2x the measured 3.4e-5
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", atol: float | None = None) -> None:
+    """Max abs difference within ``atol``: by default :data:`ATOL`, or :data:`HIDDEN_STATE_ATOL` for hidden states."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if atol is None:
+        atol = HIDDEN_STATE_ATOL if "hidden_state" in what else ATOL
     difference = (actual.float() - expected.float()).abs().max().item()
-    assert difference <= ATOL, f"{what}: max abs difference {difference:.3g} > {ATOL}"
+    assert difference <= atol, f"{what}: max abs difference {difference:.3g} > {atol}"
 
 
 def reference_outputs(reference: torch.nn.Module, pixel_values: torch.Tensor, **kwargs: Any) -> Any:
@@ -94,7 +106,7 @@ def full_size(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_full_size_parity_384(full_size: dict[str, Any]) -> None:
-    """Logits and embedding within 1e-4 of the reference; hidden states within 1e-4 of the reference run on the
+    """Logits and embedding within 7e-5 of the reference; hidden states within 1e-4 of the reference run on the
     same memory format.
 
     The native backbone runs channels-last, and oneDNN's channels-last convolutions round differently from its
@@ -112,9 +124,9 @@ def test_full_size_parity_384(full_size: dict[str, Any]) -> None:
     with torch.inference_mode():
         fast = model(pixel_values)  # the CLS-only inference path
         full = model(pixel_values, output_hidden_states=True)
-    assert_close(fast.logits, expected.logits, "logits")
-    assert_close(fast.embedding, expected_embedding, "embedding")
-    assert_close(full.logits, expected.logits, "logits with hidden states")
+    assert_close(fast.logits, expected.logits, "logits", atol=FULL_SIZE_ATOL)
+    assert_close(fast.embedding, expected_embedding, "embedding", atol=FULL_SIZE_ATOL)
+    assert_close(full.logits, expected.logits, "logits with hidden states", atol=FULL_SIZE_ATOL)
     assert len(full.hidden_states) == 13
     for index, (ours, theirs) in enumerate(zip(full.hidden_states, expected_same_layout.hidden_states)):
         assert_close(ours, theirs, f"hidden_states[{index}]")
@@ -131,7 +143,7 @@ def test_full_size_timm_layout_without_config(full_size: dict[str, Any], tmp_pat
     pixel_values = random_pixel_values(1, 384, seed=12)
     with torch.inference_mode():
         logits = model(pixel_values).logits
-    assert_close(logits, reference_outputs(reference, pixel_values).logits, "timm-layout logits")
+    assert_close(logits, reference_outputs(reference, pixel_values).logits, "timm-layout logits", atol=FULL_SIZE_ATOL)
 
 
 # --------------------------------------------------------------------------------------------------------------------
