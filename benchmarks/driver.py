@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -55,10 +56,10 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
                 stats["batches"] += 1
                 yield table
 
-    plan._track_and_finalize = lambda config, dataset, summary, finalizer: original(  # type: ignore[assignment]
+    plan._track_and_finalize = lambda config, dataset, summary, finalizer: original(
         config, Counting(dataset), summary, finalizer
     )
-    ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
     config = JobConfig(
         task="classify", input=args.input, output=args.output, model=args.model, batch_size=args.batch_size,
         device="cpu", max_actors=2, rows_per_file=100_000,

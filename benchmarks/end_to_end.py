@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import tarfile
 import time
@@ -77,7 +78,8 @@ def local_ray(num_cpus: float) -> Iterator[None]:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), saved]))
     try:
         ray.init(
-            address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+            address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False, logging_level=logging.WARNING,
+            log_to_driver=False,
         )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False

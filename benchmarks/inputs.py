@@ -76,6 +76,7 @@ def write_random_checkpoint(folder: Path, *, quick: bool, seed: int, calibration
                 mean = embeddings.mean(dim=0)
                 scale = (embeddings - mean).std().clamp_min(1e-6)
                 head = model.classifier
+                assert isinstance(head, torch.nn.Linear)  # the head of a checkpoint with labels
                 weight = head.weight / scale
                 head.bias.copy_(-(weight @ mean))
                 head.weight.copy_(weight)

@@ -35,6 +35,8 @@ class CpuLoadMonitor:
     Linux only (``/proc``); elsewhere the figures are None.
     """
 
+    _first_done: bool  # set by __enter__; read by _sample once the first sample is in
+
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.own_cpu_s: float | None = None

@@ -115,6 +115,7 @@ def fast_exact_agreement(actor: Any, processor: Any, images: Sequence[EncodedIma
             for column in (1, 2, 3):
                 pixels = torch.from_numpy(np.stack([row[column] for row in chunk])).to(actor.device)
                 result = predict(actor.model, actor.normalizer, pixels, top_k=1)
+                assert result.topk_ids is not None  # top_k=1 asked for
                 tops.append(result.topk_ids[:, 0])
                 embeddings.append(result.embeddings)
             for (kind, _, _, _), top_fast, top_exact, top_control in zip(chunk, *tops):

@@ -52,7 +52,8 @@ with the model load, first-batch warm-up), the marginal rate is the steady state
 takes minutes, the fixed part is a visible share of the job; on 20000 images on a GPU it should not be.
 
 On a GPU, ``--decode-cpus`` is the total number of CPU cores given to decoding (one decode task per core); it
-defaults to the cores left after the actors. On a CPU both default to the job's own sizing. On the GPU machine the moto server is a single Python process serving the input;
+defaults to the cores left after the actors. On a CPU both default to the job's own sizing. On the GPU machine the
+moto server is a single Python process serving the input;
 the table shows the input MB/s, and ``--storage local`` takes object storage out of the measurement.
 """
 

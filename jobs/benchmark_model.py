@@ -220,7 +220,7 @@ def _run_benchmark(settings: BenchmarkSettings) -> dict[str, Any]:
     timings: dict[str, list[float]] = {name: [] for name in models}
     logits: dict[str, Tensor] = {}  # from each variant's last timed run
     with torch.inference_mode():
-        for name, (_, dtype_name, model) in models.items():
+        for _name, (_, dtype_name, model) in models.items():
             for _ in range(settings.bf16_warmup if dtype_name == "bf16" else settings.warmup):
                 forward(model)()
         rounds = max(settings.iterations, settings.bf16_iterations)

@@ -106,9 +106,11 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     compute = parser.add_argument_group("compute")
     compute.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default 256 on GPU, 16 on CPU)")
     compute.add_argument("--min-actors", type=int, default=defaults.min_actors, help="minimum inference actors")
-    compute.add_argument("--max-actors", type=int, default=None, help="maximum inference actors (default: one per GPU the cluster can reach, or one per CPU-only node)")
+    compute.add_argument("--max-actors", type=int, default=None,
+                         help="maximum inference actors (default: one per GPU the cluster can reach, or one per CPU-only node)")
     compute.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per inference actor (default 1)")
-    compute.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per inference actor (default 1 on GPU; on CPU-only nodes all but the decode share; "
+    compute.add_argument("--cpus-per-actor", type=float, default=None,
+                         help="CPUs per inference actor (default 1 on GPU; on CPU-only nodes all but the decode share; "
                               "torch threads on CPU)")
     compute.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus,
                          help="CPUs reserved per decode task (default 1 on GPU clusters; on CPU-only ones sized from "

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.configuration import CONFIG_NAME, BitConfig, ViTHybridConfig, make_div, vit_base_r50_s16_384_config
+from model.storage import StorageOptions, join_uri, write_bytes
 from model.weights import (
     SAFE_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -48,7 +49,6 @@ from model.weights import (
     load_checkpoint,
     serialize_state_dict,
 )
-from model.storage import StorageOptions, join_uri, write_bytes
 
 logger = logging.getLogger(__name__)
 

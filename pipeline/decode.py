@@ -9,8 +9,8 @@ row. The checks run in the order that keeps memory bounded:
    is decoded (a 20000x20000 PNG is refused after reading a few dozen bytes);
 3. :meth:`~model.processing.ViTHybridImageProcessor.to_uint8` decodes (in fast mode big JPEGs at 1/2..1/8 scale in
    libjpeg), turns the image upright by its EXIF orientation (``exif_orientation``, on by default here: this is the
-   pipeline's stage for it, the processor alone ignores EXIF like the reference), resizes and crops. Its resize never builds more than the crop window for extreme aspect
-   ratios, and refuses outputs beyond :data:`~model.processing.MAX_RESIZED_PIXELS`.
+   pipeline's stage for it, the processor alone ignores EXIF like the reference), resizes and crops. Its resize
+   never builds more than the crop window for extreme aspect ratios, and refuses outputs beyond :data:`~model.processing.MAX_RESIZED_PIXELS`.
 
 So the peak memory per image is the decoded source (at most ``max_image_pixels`` x 4 bytes, less for drafted JPEGs)
 plus a few MiB. Truncated files are errors: we never set ``ImageFile.LOAD_TRUNCATED_IMAGES`` (which would turn a cut

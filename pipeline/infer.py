@@ -259,12 +259,12 @@ class InferenceActor:
             self.model = StandInModel(config, latency_s).to(self.device)
             self.normalizer = StandInNormalizer(dtype=self.dtype)
         if settings.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model = self.model.to(memory_format=torch.channels_last)
         model_config: Any = self.model.config
         self.config = model_config
         if settings.compile:
             # dynamic=False: padding fixes the batch shape, so one graph serves every call.
-            self.model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
+            self.model = torch.compile(self.model, dynamic=False)
         self.id2label: dict[int | str, str] = {int(k): v for k, v in model_config.id2label.items()}
         self.hidden_size: int = model_config.hidden_size
         self._compute_lock = threading.Lock()
@@ -372,8 +372,8 @@ class InferenceActor:
             return pieces[0]
         return Predictions(
             np.concatenate([piece.embeddings for piece in pieces]),
-            None if pieces[0].topk_ids is None else np.concatenate([piece.topk_ids for piece in pieces]),  # type: ignore[misc]
-            None if pieces[0].topk_scores is None else np.concatenate([piece.topk_scores for piece in pieces]),  # type: ignore[misc]
+            None if pieces[0].topk_ids is None else np.concatenate([piece.topk_ids for piece in pieces]),
+            None if pieces[0].topk_scores is None else np.concatenate([piece.topk_scores for piece in pieces]),
         )
 
     def rows(

@@ -73,7 +73,6 @@ import pyarrow as pa
 
 from model.storage import StorageOptions, write_bytes
 from pipeline.failpoints import failpoint
-from pipeline.redaction import sanitize_arguments, sanitize_uri, strip_uri_credentials
 from pipeline.layout import (
     JOB_FILE,
     MANIFEST_FILE,
@@ -84,6 +83,7 @@ from pipeline.layout import (
     check_shard_id,
     json_bytes,
 )
+from pipeline.redaction import sanitize_arguments, sanitize_uri, strip_uri_credentials
 
 logger = logging.getLogger(__name__)
 

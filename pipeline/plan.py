@@ -58,12 +58,12 @@ from pipeline.failpoints import failpoint, record_placement
 from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState
-from pipeline.shards import CompleteShard, ShardTracker
-from pipeline.sink import output_schema
-from pipeline.writer import UNREADABLE, finalize_shard, write_fragments
 from pipeline.preflight import connect_ray, plan_input, run_preflight
 from pipeline.redaction import sanitize_arguments, sanitize_uri
+from pipeline.shards import CompleteShard, ShardTracker
+from pipeline.sink import output_schema
 from pipeline.versions import check_cluster
+from pipeline.writer import UNREADABLE, finalize_shard, write_fragments
 
 logger = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ class RayFinalizer:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(shard.node_id, soft=True)
-        ref = self._remote.options(**options).remote(
+        ref = self._remote.options(**options).remote(  # type: ignore[call-arg]  # ray.remote() hides the signature
             self._layout,
             shard.shard_id,
             shard.fragments,

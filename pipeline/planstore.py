@@ -64,7 +64,7 @@ def plan_table(shards: Sequence[sources.Shard | Mapping[str, Any]]) -> pa.Table:
               "members": shard.members, "id_column": shard.id_column, "image_column": shard.image_column}
         for shard in shards
     ]  # fmt: skip
-    ids = [check_shard_id(record.get("shard_id")) for record in records]
+    ids = [check_shard_id(str(record.get("shard_id"))) for record in records]
     if len(set(ids)) != len(ids):
         raise ValueError("the shard plan repeats shard ids; every shard needs its own id")
     lengths = np.fromiter((len(record.get("members") or ()) for record in records), dtype=np.int32, count=len(records))

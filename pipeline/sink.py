@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.failpoints import failpoint
-from pipeline.config import EMBEDDING_DTYPES, ORDINAL_COLUMN, TASKS
-from pipeline.layout import CommitRecord, OutputLayout, check_shard_id
 from model.storage import StorageOptions
+from pipeline.config import EMBEDDING_DTYPES, ORDINAL_COLUMN, TASKS
+from pipeline.failpoints import failpoint
+from pipeline.layout import CommitRecord, OutputLayout, check_shard_id
 
 __all__ = [
     "CommitRecord",

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 from pipeline.config import ORDINAL_COLUMN, SHARD_ID_COLUMN, SHARD_ROWS_COLUMN
 from pipeline.failpoints import failpoint
 from pipeline.layout import CommitRecord, OutputLayout
-from pipeline.sources import is_whole_shard_failure
 from pipeline.shards import (
     ERROR_ORDINALS_COLUMN,
     FRAGMENT_COLUMN,
@@ -36,6 +35,7 @@ from pipeline.shards import (
     ShardAssemblyError,
 )
 from pipeline.sink import ParquetShardWriter
+from pipeline.sources import is_whole_shard_failure
 
 logger = logging.getLogger(__name__)
 

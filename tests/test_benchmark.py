@@ -16,7 +16,6 @@ from PIL import Image
 from benchmarks import measures as benchmarking
 from benchmarks.measures import ImageKind
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure helpers.
 

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.cpu import size_cpu_node
 from pipeline.compute import (
     AUTOSCALING_CONFIG_VARIABLE,
     ClusterView,
@@ -35,6 +34,7 @@ from pipeline.compute import (
     observe_cluster,
 )
 from pipeline.config import JobConfig
+from pipeline.cpu import size_cpu_node
 
 
 def job(**overrides: object) -> JobConfig:

@@ -29,9 +29,9 @@ from pipeline.config import JobConfig
 from pipeline.layout import OutputLayout
 from pipeline.plan import IncompleteShardsError, JobError, JobSummary, _track_and_finalize
 from pipeline.shards import CompleteShard, ShardAssemblyError, ShardTracker
-from pipeline.writer import finalize_shard, read_fragments, write_fragments
 from pipeline.sink import build_output_table, output_schema
 from pipeline.sources import ShardReadError
+from pipeline.writer import finalize_shard, read_fragments, write_fragments
 from tests.reliability import assert_same_output, run_job
 
 

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.layout import StorageFolder
 from pipeline.manifest import (
     JobFingerprint,
     OutputConflictError,
     OutputLayout,
     OutputState,
 )
-from pipeline.layout import StorageFolder
 from pipeline.sink import ParquetShardWriter, build_output_table, commit_shard
 
 FAKE_SECRET = "FAKE-SECRET-7f3c9a1e-do-not-store"

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import (
-    OrphanWatch,
     BOOK,
+    OrphanWatch,
     all_names,
     assert_no_traceback,
     assert_same_output,
@@ -36,7 +36,6 @@ from tests.reliability import (
     start_job,
     wait_for,
 )
-
 
 # After a SIGKILL of the driver, Ray's own processes end without help: GCS, raylet, dashboard and monitors die with
 # the driver (the kernel signals them: Ray starts them with PR_SET_PDEATHSIG), workers and actors exit within seconds

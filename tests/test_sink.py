@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from model.storage import filesystem_for
 from pipeline import layout
 from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.sink import ParquetShardWriter, build_output_table, commit_shard, output_schema
-from model.storage import filesystem_for
 
 FAKE_SECRET = "FAKE-SECRET-7f3c9a1e-do-not-store"
 HIDDEN = 8

@@ -145,7 +145,7 @@ def tar_samples(shard: Shard, storage_options: StorageOptions | None, chunk_byte
         while True:
             member = archive.next()
             # tarfile keeps every header it has seen; a shard may hold 100k members and we never look back.
-            archive.members.clear()
+            archive.members.clear()  # type: ignore[attr-defined]  # the list tarfile fills as it reads
             if member is None:
                 break
             if member.isdir():
