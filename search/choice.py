@@ -13,8 +13,11 @@ The rule, from exact to most compressed (each step is taken only when the one be
    room for one: the inverted lists find candidates with coarse codes and the finer codes re-rank them, which is
    what brings recall@10 from about 0.8 to above 0.95 at one eighth of the raw size (see benchmarks/index.py).
 
-``nlist`` is about 4 x sqrt(count) rounded to a power of two (FAISS's guideline is 4-16 x sqrt(n)), capped so that
-every list gets at least :data:`MIN_TRAIN_PER_LIST` training points. ``nprobe`` is not chosen here: the build
+``nlist`` is about sqrt(count) rounded to a power of two (1,024 lists for a million vectors), with at least
+:data:`MIN_TRAIN_PER_LIST` training points per list. FAISS's guideline for very large collections is 4-16 x sqrt(n);
+at the sizes these jobs produce (up to tens of millions) fewer, larger lists reach a recall target with fewer probes,
+and k-means training, which costs nlist x training points x dim, stays a small part of the build (training on
+:data:`MAX_TRAIN_PER_LIST` points per list, as FAISS does by default with 256, would dominate it). ``nprobe`` is not chosen here: the build
 measures recall on the collection itself and raises ``nprobe`` until the recall target is met.
 
 Memory is estimated as the serialized index size: codes, 8-byte ids per vector (inverted lists store them), and the
@@ -31,7 +34,7 @@ from typing import Any
 METRICS = ("cosine", "ip", "l2")
 FLAT_MAX_VECTORS = 50_000
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
-MAX_TRAIN_PER_LIST = 256  # and samples down above 256: more training data does not help k-means
+MAX_TRAIN_PER_LIST = 64  # more points per centroid barely moves the centroids and costs training time linearly
 ID_BYTES = 8
 DEFAULT_MAX_INDEX_MEMORY = 4 * 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -73,8 +76,8 @@ def parse_memory(text: str | int) -> int:
 
 
 def choose_nlist(count: int) -> int:
-    """About 4 x sqrt(count) as a power of two, with at least MIN_TRAIN_PER_LIST vectors per list."""
-    target = 4 * math.sqrt(count)
+    """About sqrt(count) as a power of two, with at least MIN_TRAIN_PER_LIST vectors per list."""
+    target = math.sqrt(count)
     nlist = 2 ** max(4, round(math.log2(max(target, 16))))
     while nlist > 16 and count < MIN_TRAIN_PER_LIST * nlist:
         nlist //= 2

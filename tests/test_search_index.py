@@ -55,7 +55,7 @@ def test_choice_goes_from_exact_to_compressed_as_the_budget_shrinks() -> None:
     eighth = choose_index(1_000_000, 768, raw // 8)
     assert "PQ" in eighth.factory and eighth.estimated_bytes <= raw // 8
     for spec in (roomy, quarter, eighth):
-        assert 39 * spec.nlist <= spec.train_size <= 256 * spec.nlist
+        assert 39 * spec.nlist <= spec.train_size <= 64 * spec.nlist and spec.nlist == 1024
     assert choose_index(FLAT_MAX_VECTORS + 1, 768, 1 << 40).factory != "Flat"  # exact only for small collections
     with pytest.raises(ValueError, match="at least"):
         choose_index(1_000_000, 768, 10_000_000)
@@ -83,7 +83,7 @@ def test_built_index_measures_recall_maps_ids_and_finds_each_vector_itself(tmp_p
     own = query.vectors_for_ids(stored, list(ids))
     scores, found = query.search_vectors(stored, own, 1)
     assert (found[:, 0] == np.arange(len(indexed))).mean() >= 0.999
-    np.testing.assert_allclose(scores[:, 0], 1.0, atol=0.02)
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=0.05)  # a cosine through 8-bit codes
     # The recorded recall is the truth: recompute it with brute force over the whole collection.
     prepared = build.prepare(own, "cosine")
     queries = prepared[:100]
