@@ -39,7 +39,7 @@ from search.choice import (
     choose_index,
     choose_nlist,
 )
-from search.errors import EmbeddingInputError
+from search.errors import EmbeddingInputError, SearchError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,14 @@ def ray_mapper(num_cpus: float = 1.0) -> Mapper:
 
         refs = [remote.remote(*[stored(value) for value in arguments]) for arguments in calls]
         for ref in refs:
-            yield ray.get(ref)
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                # A task's user-facing error (bad file, storage refusal) surfaces as itself, without Ray's wrapping
+                # traceback, so that the command line prints its one-line message.
+                if isinstance(error.cause, (SearchError, OSError)):
+                    raise error.cause from None
+                raise
 
     return mapper
 
