@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 METRICS = ("cosine", "ip", "l2")
@@ -55,7 +55,6 @@ class IndexSpec:
     train_size: int = 0
     estimated_bytes: int = 0
     reason: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_ivf(self) -> bool:

@@ -35,7 +35,6 @@ from search import build, embeddings, store
 from search.choice import (
     DEFAULT_MAX_INDEX_MEMORY,
     MAX_TRAIN_PER_LIST,
-    IndexSpec,
     choose_index,
     choose_nlist,
 )
@@ -239,6 +238,3 @@ def build_index(config: IndexJobConfig, mapper: Mapper | None = None) -> dict[st
                 count, total_rows - count, seconds, build.RECALL_K, recall, nprobe)
     return record
 
-
-def describe(spec: IndexSpec) -> str:
-    return f"{spec.factory} ({spec.reason})"
