@@ -61,7 +61,7 @@ def cpu_capabilities() -> dict[str, Any]:
     was under (figures taken on a shared machine are only comparable within one run)."""
     import faiss
 
-    model, flags = platform.machine(), set()
+    model, flags = platform.machine(), set[str]()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:

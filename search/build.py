@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -95,10 +96,12 @@ def merge(parts: Iterable[np.ndarray | bytes]) -> faiss.Index:
         if merged is None:
             merged = index
             continue
-        if isinstance(merged, faiss.IndexRefine):
-            faiss.downcast_index(merged.base_index).merge_from(faiss.downcast_index(index.base_index), 0)
-            faiss.downcast_index(merged.refine_index).merge_from(faiss.downcast_index(index.refine_index), 0)
-            merged.ntotal = merged.base_index.ntotal
+        if isinstance(merged, faiss.IndexRefine):  # FAISS cannot merge these whole: merge both stages
+            refined: Any = merged
+            part_stages: Any = index
+            faiss.downcast_index(refined.base_index).merge_from(faiss.downcast_index(part_stages.base_index), 0)
+            faiss.downcast_index(refined.refine_index).merge_from(faiss.downcast_index(part_stages.refine_index), 0)
+            refined.ntotal = refined.base_index.ntotal
         else:
             merged.merge_from(index, 0)  # ids travel with the vectors (IVF) or follow the merge order (flat)
     if merged is None:
@@ -154,7 +157,8 @@ def set_search_params(index: faiss.Index, *, nprobe: int | None = None, k_factor
     if nprobe is not None and faiss.try_extract_index_ivf(index) is not None:
         faiss.extract_index_ivf(index).nprobe = nprobe
     if k_factor is not None and isinstance(faiss.downcast_index(index), faiss.IndexRefine):
-        faiss.downcast_index(index).k_factor = k_factor
+        refined: Any = faiss.downcast_index(index)
+        refined.k_factor = k_factor
 
 
 def tune_nprobe(

@@ -56,10 +56,13 @@ class ImageEmbedder:
 
     def _check_matches_index(self) -> None:
         """Refuse a model whose weights or preprocessing differ from what the index's embeddings were made with."""
+        info = self.model.checkpoint_info
+        if info is None:  # from_pretrained always sets it; a model built otherwise cannot be checked
+            raise FingerprintMismatchError(f"model {self.model_uri} has no checkpoint record to compare with the index")
         mine = JobFingerprint(
             task="embed",
             model_uri=self.model_uri,
-            weights_sha256=self.model.checkpoint_info.sha256,
+            weights_sha256=info.sha256,
             preprocessing={**self.processor.to_dict(), "fast_decode": self.fast_decode},
             dtype=str(self.fingerprint.get("dtype")),
         )

@@ -140,7 +140,7 @@ def _reconstruct(stored: StoredIndex, index_id: int) -> np.ndarray:
     ivf = faiss.try_extract_index_ivf(stored.index)
     if ivf is not None:
         ivf.make_direct_map()
-    return stored.index.reconstruct(index_id)
+    return np.asarray(stored.index.reconstruct(index_id), dtype=np.float32)
 
 
 def read_query_embeddings(

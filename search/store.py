@@ -135,8 +135,12 @@ def _remove_other_builds(uri: str, keep: set[Any], storage_options: StorageOptio
     for name in names:
         if name.startswith(BUILD_PREFIX) and name not in keep:
             target = f"{path.rstrip('/')}/{name}"
+
+            def remove(target: str = target) -> None:
+                filesystem.rm(target, recursive=True)
+
             try:
-                with_retries(lambda target=target: filesystem.rm(target, recursive=True), description=f"removing {uri}/{name}")
+                with_retries(remove, description=f"removing {uri}/{name}")
             except OSError as error:  # a leftover folder costs space, not correctness
                 logger.warning("could not remove old index build %s/%s: %s", uri, name, error)
 
