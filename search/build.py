@@ -76,10 +76,17 @@ def add_part(trained: np.ndarray | bytes, vectors: np.ndarray, first_id: int) ->
     """
     index = deserialize(trained)
     if len(vectors):
-        if isinstance(index, faiss.IndexFlat) or not _takes_ids(index):
+        ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
+        if isinstance(index, faiss.IndexRefine):
+            # Refine takes no ids: the coarse stage (IVF) gets the global ids, the refining codes are stored in
+            # insertion order, which is id order once the parts are merged in id order (ids are contiguous).
+            stages: Any = index
+            faiss.downcast_index(stages.base_index).add_with_ids(vectors, ids)
+            faiss.downcast_index(stages.refine_index).add(vectors)
+            stages.ntotal = stages.base_index.ntotal
+        elif isinstance(index, faiss.IndexFlat) or not _takes_ids(index):
             index.add(vectors)
         else:
-            ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
             index.add_with_ids(vectors, ids)
     return serialize(index)
 

@@ -107,7 +107,8 @@ def choose_index(count: int, dim: int, max_memory_bytes: int = DEFAULT_MAX_INDEX
             f"vectors to train a compressed index: raise --max-index-memory to at least {raw}"
         )
     nlist = choose_nlist(count)
-    train_size = min(count, MAX_TRAIN_PER_LIST * nlist)
+    # Product-quantiser codebooks have 256 centroids per sub-quantizer and want 39 points each, whatever nlist is.
+    train_size = min(count, max(MAX_TRAIN_PER_LIST * nlist, MIN_TRAIN_PER_LIST * 256))
     fixed = nlist * dim * 4  # coarse centroids
     per_vector = (max_memory_bytes - fixed) / count - ID_BYTES
 
