@@ -1,0 +1,232 @@
+"""The search package without Ray or a model: index choice, build, store, queries and dedup on synthetic vectors.
+
+Input files are written with the sink's own table builder and the job's fingerprint metadata, so they are what the
+embed job writes. The builds run their per-file tasks in a plain loop (``local_mapper``); the Ray path and the real
+job's output are covered in test_search_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.index import clustered_vectors
+from search import build, dedup, query, store
+from search.choice import FLAT_MAX_VECTORS, choose_index, parse_memory
+from search.errors import (
+    EmbeddingInputError,
+    FingerprintMismatchError,
+    IndexStoreError,
+    SearchError,
+)
+from search.runner import IndexJobConfig, build_index, local_mapper
+from tests.search_helpers import fingerprint, write_job_file
+
+DIM = 48
+
+
+def write_collection(folder, vectors: np.ndarray, files: int = 3, error_every: int = 9) -> list[str]:
+    """Split ``vectors`` over ``files`` job files with an error row every ``error_every`` rows; return the indexed
+    keys in id order (file order, then row order, error rows left out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    indexed = []
+    for number, part in enumerate(np.array_split(np.arange(len(vectors)), files)):
+        keys = [f"f{number}/k{row:05d}" for row in part]
+        errors = ["decode error: truncated JPEG" if row % error_every == error_every - 1 else None for row in part]
+        write_job_file(folder / f"part-{number:03d}-00000.parquet", vectors[part], keys, errors=errors,
+                       source=f"s3://in/{number}.tar")
+        indexed.extend(key for key, error in zip(keys, errors) if error is None)
+    (folder / "_job.json").write_text("{}")  # bookkeeping beside the data: not Parquet, not read
+    return indexed
+
+
+def test_choice_goes_from_exact_to_compressed_as_the_budget_shrinks() -> None:
+    small = choose_index(10_000, 768, 1 << 30)
+    assert small.factory == "Flat" and small.estimated_bytes == 10_000 * 768 * 4
+    raw = 1_000_000 * 768 * 4
+    roomy = choose_index(1_000_000, 768, raw * 2)
+    assert roomy.factory.startswith("IVF") and roomy.factory.endswith(",Flat")
+    quarter = choose_index(1_000_000, 768, raw // 3)
+    assert quarter.factory.endswith(",SQ8")
+    eighth = choose_index(1_000_000, 768, raw // 8)
+    assert "PQ" in eighth.factory and eighth.estimated_bytes <= raw // 8
+    for spec in (roomy, quarter, eighth):
+        assert 39 * spec.nlist <= spec.train_size <= max(64 * spec.nlist, 39 * 256) and spec.nlist == 1024
+    assert choose_index(FLAT_MAX_VECTORS + 1, 768, 1 << 40).factory != "Flat"  # exact only for small collections
+    with pytest.raises(ValueError, match="at least"):
+        choose_index(1_000_000, 768, 10_000_000)
+    assert parse_memory("4GiB") == 4 * 1024**3 and parse_memory("512MB") == 512_000_000 and parse_memory("77") == 77
+    with pytest.raises(ValueError, match="memory size"):
+        parse_memory("lots")
+
+
+def test_built_index_measures_recall_maps_ids_and_finds_each_vector_itself(tmp_path) -> None:
+    vectors = clustered_vectors(6000, DIM, clusters=40, seed=1)
+    indexed = write_collection(tmp_path / "emb", vectors)
+    # A budget below the raw size forces a trained, compressed index (inverted lists of 8-bit codes).
+    config = IndexJobConfig(input=str(tmp_path / "emb"), output=str(tmp_path / "index"),
+                            max_index_memory=6000 * DIM * 3, recall_queries=200)
+    record = build_index(config, mapper=local_mapper)
+
+    assert record["index"]["factory"].endswith("SQ8") and record["index"]["nprobe"] >= 1
+    assert record["input"]["vectors"] == len(indexed) and record["input"]["skipped_rows"] == 6000 - len(indexed)
+    assert record["fingerprint"]["weights_sha256"] == "a" * 64
+    assert record["recall"]["recall_at_k"] >= 0.95
+    stored = store.load_index(str(tmp_path / "index"))
+    assert stored.ids.column("key").to_pylist() == indexed
+    _, ids = zip(*query.ids_for_keys(stored, indexed))
+    assert list(ids) == list(range(len(indexed)))
+    own = query.vectors_for_ids(stored, list(ids))
+    scores, found = query.search_vectors(stored, own, 1)
+    assert (found[:, 0] == np.arange(len(indexed))).mean() >= 0.999
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=0.05)  # a cosine through 8-bit codes
+    # The recorded recall is the truth: recompute it with brute force over the whole collection.
+    prepared = build.prepare(own, "cosine")
+    queries = prepared[:100]
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(prepared)
+    _, truth = exact.search(queries, 11)
+    _, approx = stored.index.search(queries, 11)
+    assert abs(build.recall_at_k(approx, truth, 10, np.arange(100)) - record["recall"]["recall_at_k"]) < 0.05
+
+
+def test_partial_ground_truths_merge_into_the_exact_top_k() -> None:
+    vectors = build.prepare(clustered_vectors(900, DIM, clusters=5, seed=2), "cosine")
+    queries = vectors[:20]
+    parts = [build.exact_top_k(queries, vectors[start:start + 300], start, 10, "cosine") for start in (0, 300, 600)]
+    scores, ids = build.merge_top_k(parts, 10, "cosine")
+    exact_scores, exact_ids = build.exact_top_k(queries, vectors, 0, 10, "cosine")
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-6)
+
+
+def test_a_reader_never_sees_a_half_written_index(tmp_path, monkeypatch) -> None:
+    first = tmp_path / "first"
+    write_collection(first, clustered_vectors(300, DIM, seed=3), files=1)
+    output = str(tmp_path / "index")
+    with pytest.raises(IndexStoreError, match="no index at"):
+        store.load_index(output)
+    build_index(IndexJobConfig(input=str(first), output=output, recall_queries=20), mapper=local_mapper)
+    before = store.load_index(output)
+
+    second = tmp_path / "second"
+    write_collection(second, clustered_vectors(500, DIM, seed=4), files=1)
+    real_write = store.write_bytes
+
+    def crash_on_id_map(uri: str, data: bytes, options=None) -> None:
+        if uri.endswith(store.IDS_FILE):
+            raise OSError("simulated crash while writing the id map")
+        real_write(uri, data, options)
+
+    monkeypatch.setattr(store, "write_bytes", crash_on_id_map)
+    with pytest.raises(OSError, match="simulated"):
+        build_index(IndexJobConfig(input=str(second), output=output, recall_queries=20), mapper=local_mapper)
+    after_crash = store.load_index(output)
+    assert after_crash.metadata["build"] == before.metadata["build"]
+    assert after_crash.index.ntotal == before.index.ntotal == after_crash.ids.num_rows
+
+    monkeypatch.setattr(store, "write_bytes", real_write)
+    build_index(IndexJobConfig(input=str(second), output=output, recall_queries=20), mapper=local_mapper)
+    rebuilt = store.load_index(output)
+    assert rebuilt.index.ntotal == len(rebuilt.ids) and rebuilt.metadata["input"]["uri"] == str(second)
+    builds = sorted(path.name for path in (tmp_path / "index").iterdir() if path.name.startswith("build-"))
+    # The crashed build's folder is gone; the current one and the one before it remain.
+    assert builds == sorted([rebuilt.metadata["build"], before.metadata["build"]])
+
+
+def test_empty_or_all_error_input_is_refused_with_a_clear_message(tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "_SUCCESS").write_text("")
+    with pytest.raises(EmbeddingInputError, match="no Parquet data files under"):
+        build_index(IndexJobConfig(input=str(empty), output=str(tmp_path / "i1")), mapper=local_mapper)
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    write_job_file(failed / "part-a-00000.parquet", np.zeros((4, DIM)), [f"k{i}" for i in range(4)],
+                   errors=["decode error: not an image"] * 4)
+    with pytest.raises(EmbeddingInputError, match="all 4 rows .* are error rows"):
+        build_index(IndexJobConfig(input=str(failed), output=str(tmp_path / "i2")), mapper=local_mapper)
+
+    no_rows = tmp_path / "no_rows"
+    no_rows.mkdir()
+    write_job_file(no_rows / "part-a-00000.parquet", np.zeros((0, DIM)), [])
+    with pytest.raises(EmbeddingInputError, match="has no rows"):
+        build_index(IndexJobConfig(input=str(no_rows), output=str(tmp_path / "i3")), mapper=local_mapper)
+    assert not (tmp_path / "i2").exists() and not (tmp_path / "i3").exists()
+
+
+def test_files_of_different_models_are_not_mixed(tmp_path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_job_file(folder / "part-a-00000.parquet", np.ones((3, DIM)), ["a", "b", "c"])
+    write_job_file(folder / "part-b-00000.parquet", np.ones((3, DIM)), ["d", "e", "f"], job=fingerprint(sha="b" * 64))
+    with pytest.raises(EmbeddingInputError, match="weights_sha256"):
+        build_index(IndexJobConfig(input=str(folder), output=str(tmp_path / "index")), mapper=local_mapper)
+
+
+def test_queries_by_key_and_by_embeddings_file_and_mismatches(tmp_path) -> None:
+    vectors = clustered_vectors(400, DIM, clusters=8, seed=5)
+    indexed = write_collection(tmp_path / "emb", vectors, files=2)
+    build_index(IndexJobConfig(input=str(tmp_path / "emb"), output=str(tmp_path / "index"), recall_queries=20),
+                mapper=local_mapper)
+    stored = store.load_index(str(tmp_path / "index"))
+
+    with pytest.raises(SearchError, match="'nope'.* not in the index"):
+        query.ids_for_keys(stored, [indexed[0], "nope"])
+
+    # A Parquet of embeddings with the index's fingerprint: names from its key column, error rows skipped.
+    queries_file = tmp_path / "queries.parquet"
+    write_job_file(queries_file, vectors[:3], ["q0", "q1", "q2"], errors=[None, "bad", None])
+    names, found_vectors = query.read_query_embeddings(str(queries_file), stored)
+    assert names == ["q0", "q2"]
+    scores, ids = query.search_vectors(stored, found_vectors, 5)
+    table = query.results_table(names, scores, ids, stored)
+    assert table.column_names == ["query", "rank", "key", "source", "score"]
+    assert table.num_rows == 10 and table.column("rank").to_pylist()[:5] == [1, 2, 3, 4, 5]
+    assert table.column("key").to_pylist()[0] == indexed[0] and table.column("key").to_pylist()[5] == indexed[2]
+    assert "query: q0" in query.format_table(table)
+
+    other = tmp_path / "other.parquet"
+    write_job_file(other, vectors[:2], ["x", "y"], job=fingerprint(crop=96))
+    with pytest.raises(FingerprintMismatchError, match="preprocessing"):
+        query.read_query_embeddings(str(other), stored)
+    with pytest.raises(FingerprintMismatchError, match="width"):
+        query.search_vectors(stored, np.ones((1, DIM + 1), np.float32), 3)
+
+
+def test_dedup_groups_planted_near_duplicates_and_nothing_else(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    base = clustered_vectors(3000, DIM, clusters=30, seed=6)
+    planted = {10: [2500, 2501], 700: [2999], 1400: [1900]}
+    for original, copies in planted.items():
+        for copy in copies:
+            noisy = base[original] + rng.normal(0, 0.01, DIM).astype(np.float32)
+            base[copy] = noisy / np.linalg.norm(noisy)
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    write_job_file(folder / "part-a-00000.parquet", base, [f"k{i}" for i in range(len(base))])
+    # A compressed index: candidates come from approximate scores, membership from exact ones.
+    build_index(IndexJobConfig(input=str(folder), output=str(tmp_path / "index"), max_index_memory=3000 * DIM * 3,
+                               recall_queries=50), mapper=local_mapper)
+    stored = store.load_index(str(tmp_path / "index"))
+    table = dedup.near_duplicate_groups(stored, 0.97)
+    groups: dict[int, list[str]] = {}
+    for row in table.to_pylist():
+        groups.setdefault(row["group"], []).append(row["key"])
+        assert row["score"] >= 0.97
+    assert sorted(sorted(keys) for keys in groups.values()) == sorted(
+        sorted(f"k{i}" for i in [original, *copies]) for original, copies in planted.items()
+    )
+    first_rows = {row["group"]: row for row in reversed(table.to_pylist())}
+    assert all(abs(row["score"] - 1.0) < 1e-5 for row in first_rows.values())  # the representative comes first
+    target = store.parquet_target(str(tmp_path / "dups"), "duplicates.parquet")
+    store.write_parquet(table, target)
+    assert pq.read_table(target).column_names == ["key", "source", "group", "score"]
+    assert json.loads((tmp_path / "index" / "_index.json").read_text())["index"]["metric"] == "cosine"
+
+
