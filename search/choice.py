@@ -124,7 +124,7 @@ def choose_index(count: int, dim: int, max_memory_bytes: int = DEFAULT_MAX_INDEX
     # Product quantisation. With room for two codes, a coarse PQ finds candidates in the inverted lists and a finer
     # PQ of the whole vector (m2 bytes) re-ranks them; the coarse code takes about a quarter of the bytes.
     sizes = _pq_sizes(dim)
-    codebooks = lambda m: dim * 256 * 4
+    codebooks = dim * 256 * 4  # float32 centroids: 256 per sub-quantiser, dim floats in all, whatever m is
     for refine_m in reversed(sizes):
         coarse = [m for m in sizes if m <= refine_m // 3]
         if not coarse or refine_m < 64:
@@ -133,11 +133,11 @@ def choose_index(count: int, dim: int, max_memory_bytes: int = DEFAULT_MAX_INDEX
         if pq_m + refine_m + 2 * dim * 256 * 4 / count <= per_vector:
             return spec(f"IVF{nlist},PQ{pq_m}x8,Refine(PQ{refine_m}x8)", pq_m + refine_m,
                         f"product quantisation: {pq_m}-byte codes probed, re-ranked by {refine_m}-byte codes",
-                        pq_m=pq_m, refine_m=refine_m, codebooks=2 * codebooks(pq_m))
+                        pq_m=pq_m, refine_m=refine_m, codebooks=2 * codebooks)
     for pq_m in reversed(sizes):
         if pq_m + dim * 256 * 4 / count <= per_vector:
             return spec(f"IVF{nlist},PQ{pq_m}x8", pq_m, f"product quantisation: {pq_m}-byte codes",
-                        pq_m=pq_m, codebooks=codebooks(pq_m))
+                        pq_m=pq_m, codebooks=codebooks)
     smallest = int(fixed + count * (sizes[0] + ID_BYTES) + dim * 256 * 4) + 1
     raise ValueError(
         f"--max-index-memory {max_memory_bytes} bytes cannot hold {count} vectors of width {dim} even as "
