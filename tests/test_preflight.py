@@ -69,7 +69,7 @@ def test_wrong_image_column_fails_before_ray_and_nothing_is_committed(tmp_path: 
     assert result.returncode == 2, result.stderr[-2000:]
     assert "image column 'image' not in" in error_line(result.stderr) and "jpg: binary" in error_line(result.stderr)
     assert_no_traceback(result.stderr)
-    assert committed_shards(str(output)) == [] and not (output / "_job.json").exists()
+    assert committed_shards(str(output)) == [] and not Path(f"{output}.job", "job.json").exists()
 
 
 def test_output_is_checked_before_the_model_and_the_input_before_the_weights(
@@ -137,4 +137,4 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     tar_shard(mixed / "broken.tar", {"b0.jpg": jpeg(7)})
     result = run_job(args, ray_tmpdir=ray_tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(committed_shards(str(output))) == 2 and (output / "_SUCCESS").exists()
+    assert len(committed_shards(str(output))) == 2 and Path(f"{output}.job", "SUCCESS").exists()
