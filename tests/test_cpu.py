@@ -105,7 +105,7 @@ def test_a_resume_on_other_hardware_is_refused_not_mixed(tmp_path: Path) -> None
     """Started where the CPU has AVX512-BF16 (bf16 frozen), resumed on an AVX2 node (fp32): refused, naming dtype."""
     config = JobConfig(task="classify", input="unused", output=str(tmp_path / "out"), model="unused")
     processor = ViTHybridImageProcessor()
-    plan = [{"shard_id": "s0", "source": "file:///in/a.tar"}]
+    plan = [{"shard_id": "s0", "format": "webdataset", "uri": "file:///in/a.tar"}]
     first = cpu.choose_cpu_dtype(caps(avx512=True, avx512_bf16=True)).dtype
     OutputState.open(config.output, build_fingerprint(config, "ab" * 32, processor, first), plan, {})
     second = cpu.choose_cpu_dtype(caps()).dtype
