@@ -10,7 +10,9 @@ hashed and a cluster joined. The order is by cost:
 3. the input plans (listing; for Parquet the named columns are checked on the first file's footer), unless the
    output already holds this job's record: a resume reads its frozen plan and never lists the input again;
 4. the weights' identity (:func:`model.weights.checkpoint_fingerprint`: the safetensors header, size and version,
-   not a read of the weights), last because it is the one check that reads part of a large file.
+   not a read of the weights), last because it is the one check that reads part of a large file. A legacy pickled
+   checkpoint (``pytorch_model.bin``) has no header to vet, so it is read once with ``weights_only=True``: one that
+   pickles code is refused here, before any actor starts.
 
 Every failure here is a :class:`pipeline.plan.JobError` (or ``InputError`` / ``CheckpointError``) that ``jobs.cli``
 maps to exit code 2; failing to start or join Ray is a :class:`ClusterStartError` (exit code 4).
@@ -48,7 +50,7 @@ def run_preflight(config: JobConfig) -> Preflight:
     """Run every check that needs no Ray, cheapest first (see the module docstring); raise on the first failure."""
     from model.configuration import ViTHybridConfig
     from model.processing import ViTHybridImageProcessor
-    from model.weights import checkpoint_fingerprint
+    from model.weights import checkpoint_fingerprint, load_checkpoint
     from pipeline.layout import JOB_FILE, OutputLayout
     from pipeline.plan import _storage_step
 
@@ -62,6 +64,10 @@ def run_preflight(config: JobConfig) -> Preflight:
     shards = None if resuming else plan_input(config)
     with _storage_step("cannot load model", config.model):
         checkpoint = checkpoint_fingerprint(config.model, storage_options=config.storage_options)
+        if checkpoint.format == "pytorch":
+            # A pickle has no header to vet: read it once here with weights_only=True, so that a checkpoint that
+            # pickles code is refused in one line before any actor starts (safetensors needs no such read).
+            load_checkpoint(config.model, storage_options=config.storage_options)
     return Preflight(model_config=model_config, processor=processor, checkpoint=checkpoint, shards=shards)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from model import ViTHybridForImageClassification, ViTHybridImageProcessor
 from model.storage import StorageOptions, read_bytes
+from model.weights import checkpoint_fingerprint
 from pipeline.decode import DecodeError, decode_sample
 from pipeline.infer import DTYPES, resolve_device
 from pipeline.manifest import JobFingerprint
@@ -45,8 +46,14 @@ class ImageEmbedder:
         self.batch_size = batch_size
         self.device = resolve_device("auto")
         self.dtype = DTYPES.get(str(fingerprint.get("dtype")), torch.float32)
-        preprocessing = dict(fingerprint.get("preprocessing") or {})
-        self.fast_decode = bool(preprocessing.get("fast_decode", True))
+        # The job's decode settings (fast path, EXIF orientation, its input columns) are adopted as they are: the
+        # query is decoded the way the indexed images were. What can differ is the model: weights and processor.
+        self.job_settings = {
+            name: value for name, value in dict(fingerprint.get("preprocessing") or {}).items()
+            if name in ("fast_decode", "exif_orientation", "id_column", "image_column")
+        }
+        self.fast_decode = bool(self.job_settings.get("fast_decode", True))
+        self.exif_orientation = bool(self.job_settings.get("exif_orientation", True))
         self.processor = ViTHybridImageProcessor.from_pretrained(self.model_uri, storage_options=self.storage_options)
         self.model = ViTHybridForImageClassification.from_pretrained(
             self.model_uri, storage_options=self.storage_options, dtype=self.dtype, device=self.device
@@ -56,14 +63,13 @@ class ImageEmbedder:
 
     def _check_matches_index(self) -> None:
         """Refuse a model whose weights or preprocessing differ from what the index's embeddings were made with."""
-        info = self.model.checkpoint_info
-        if info is None:  # from_pretrained always sets it; a model built otherwise cannot be checked
-            raise FingerprintMismatchError(f"model {self.model_uri} has no checkpoint record to compare with the index")
+        # The same identity the job records (model.weights.checkpoint_fingerprint: header, size, version or sidecar).
+        identity = checkpoint_fingerprint(self.model_uri, storage_options=self.storage_options)
         mine = JobFingerprint(
             task="embed",
             model_uri=self.model_uri,
-            weights_sha256=info.sha256,
-            preprocessing={**self.processor.to_dict(), "fast_decode": self.fast_decode},
+            weights_sha256=identity.digest,
+            preprocessing={**self.processor.to_dict(), **self.job_settings},
             dtype=str(self.fingerprint.get("dtype")),
         )
         differences = fingerprint_differences(self.fingerprint, mine)
@@ -82,7 +88,9 @@ class ImageEmbedder:
                 data = read_bytes(uri, self.storage_options)
             except (FileNotFoundError, PermissionError, IsADirectoryError) as error:
                 raise SearchError(f"cannot read query image {uri}: {error}") from error
-            decoded = decode_sample(data, processor=self.processor, fast=self.fast_decode)
+            decoded = decode_sample(
+                data, processor=self.processor, fast=self.fast_decode, exif_orientation=self.exif_orientation
+            )
             if isinstance(decoded, DecodeError):
                 raise SearchError(f"cannot use query image {uri}: {decoded.reason}")
             pixels.append(decoded.pixels)

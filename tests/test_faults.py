@@ -31,7 +31,7 @@ from pipeline.plan import IncompleteShardsError, JobError, JobSummary, _track_an
 from pipeline.shards import CompleteShard, ShardAssemblyError, ShardTracker
 from pipeline.sink import build_output_table, output_schema
 from pipeline.sources import ShardReadError
-from pipeline.writer import finalize_shard, read_fragments, write_fragments
+from pipeline.writer import UNREADABLE, finalize_shard, read_fragments, write_fragments
 from tests.reliability import assert_same_output, run_job
 
 
@@ -177,14 +177,18 @@ class InProcessFinalizer:
 
     def __init__(self, config: JobConfig, layout: OutputLayout) -> None:
         self.config, self.layout, self.done, self.in_flight = config, layout, 0, 0
+        self.unreadable: dict[str, str] = {}
 
     def submit(self, shard: CompleteShard) -> None:
         schema = output_schema("embed", 4)
-        finalize_shard(
+        result = finalize_shard(
             self.layout, shard.shard_id, shard.fragments, shard.rows,
             rows_per_file=self.config.rows_per_file, metadata={}, schema=schema,
         )  # fmt: skip
-        self.done += 1
+        if UNREADABLE in result:
+            self.unreadable[shard.shard_id] = result[UNREADABLE]
+        else:
+            self.done += 1
 
     def collect(self, *, block: bool) -> int:
         done, self.done = self.done, 0

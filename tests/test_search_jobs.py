@@ -132,11 +132,19 @@ def local_index(embed_output: str, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def test_index_of_a_real_job_finds_every_image_as_its_own_nearest_neighbour(s3_index: str, checkpoint: str,
-                                                                            photos: dict[str, bytes]) -> None:
+                                                                            photos: dict[str, bytes],
+                                                                            embed_output: str) -> None:
     stored = store.load_index(s3_index)
     good = sorted(name for name in photos if name not in BAD)
     assert sorted(stored.ids.column("key").to_pylist()) == good
-    assert stored.metadata["input"]["skipped_rows"] == len(BAD)
+    # The job keeps its error rows out of OUT/*.parquet (they live in OUT/errors/*.errors), so the index reads none.
+    assert stored.metadata["input"]["skipped_rows"] == 0
+    filesystem, path = fsspec.core.url_to_fs(embed_output)
+    error_keys = set()
+    for name in filesystem.glob(f"{path}/errors/*.errors"):
+        with filesystem.open(name, "rb") as handle:
+            error_keys.update(pq.read_table(handle).column("key").to_pylist())
+    assert error_keys == set(BAD)
     assert stored.metadata["index"]["factory"] == "Flat" and stored.metadata["recall"]["recall_at_k"] == 1.0
     assert stored.metadata["fingerprint"]["model_uri"] == checkpoint
     assert len(stored.metadata["fingerprint"]["weights_sha256"]) == 64
