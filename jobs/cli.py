@@ -45,6 +45,13 @@ EXIT_UNREADABLE_SHARDS = 5
 USER_ERRORS = (
     JobError, InputError, OutputConflictError, CheckpointError, FileNotFoundError, PermissionError, NotADirectoryError
 )
+# The exit code of each failure the user can fix, most specific first (UnreadableShardsError is a JobError).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (ClusterStartError, EXIT_CLUSTER),
+    (VersionMismatchError, EXIT_VERSION_MISMATCH),
+    (UnreadableShardsError, EXIT_UNREADABLE_SHARDS),
+    *((kind, EXIT_ERROR) for kind in USER_ERRORS),
+)
 # Their DEBUG records carry request headers (Authorization, x-amz-security-token) or call arguments (SSE keys).
 CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "s3fs", "urllib3")
 
@@ -187,17 +194,8 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
     except JobAborted as aborted:
         print(f"aborted: {aborted}", file=sys.stderr)
         return EXIT_ABORTED
-    except ClusterStartError as error:
+    except tuple(kind for kind, _ in EXIT_CODES) as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_CLUSTER
-    except UnreadableShardsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_UNREADABLE_SHARDS
-    except VersionMismatchError as mismatch:
-        print(f"error: {mismatch}", file=sys.stderr)
-        return EXIT_VERSION_MISMATCH
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
     print(summary.line())
     return 0
