@@ -133,7 +133,8 @@ def _report(summary_line: str, output: Path, photos: dict[str, str], bad_key: st
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 relative = path.relative_to(folder.parent)
-                note = {".parquet": " (predictions)", ".errors": " (error rows, Parquet)"}.get(path.suffix, "")
+                notes = {".parquet": " (predictions)", ".errors": " (error rows, Parquet)"} if folder == output else {}
+                note = notes.get(path.suffix, "")
                 lines.append(f"  {relative!s:<50} {path.stat().st_size:>9,} bytes{note}")
     lines.append("")
 
