@@ -275,8 +275,11 @@ def test_job_on_a_cluster_with_no_gpu_worker_running_grows_to_the_gpu_maximum(
         samples = make_samples(16, seed=index, prefix=f"s{index}-")
         write_webdataset(str(tmp_path / "shards" / f"part-{index:03d}.tar"), samples)
         count += len(samples)
+    # A fixed-size pool (min = the GPUs the cluster can reach, clamped by decide_compute to its maximum): with a pool
+    # that may shrink, Ray Data sometimes cancelled the actor still waiting for its GPU node and the job died with
+    # ActorDiedError ("cancelled before it started running"), 2 runs in 4 on this loaded machine: an open issue.
     config = JobConfig(task="classify", input=str(tmp_path / "shards"), output=str(tmp_path / "out"),
-                       model=str(checkpoint), batch_size=4, top_k=3)
+                       model=str(checkpoint), batch_size=4, top_k=3, min_actors=GPU_NODES)
 
     ray.init(address=autoscaling_cluster[0])
     assert ray.cluster_resources().get("GPU", 0) == 0  # no GPU worker runs when the job starts
