@@ -148,7 +148,10 @@ def test_job_on_a_cluster_with_no_gpu_worker_running_grows_to_the_gpu_maximum(
         write_webdataset(str(tmp_path / "shards" / f"part-{index:03d}.tar"), samples)
         count += len(samples)
     config = JobConfig(task="classify", input=str(tmp_path / "shards"), output=str(tmp_path / "out"),
-                       model=str(checkpoint), batch_size=4, top_k=3)
+                       model=str(checkpoint), batch_size=4, top_k=3, min_actors=GPU_NODES)
+    # A fixed-size pool (min = the GPUs the cluster can reach; decide_compute clamps it to that maximum). With the
+    # default minimum of one actor, Ray Data grows the pool only under sustained load, and a short job may finish on
+    # the one GPU node that started first: nothing below could then show that the pool grew to the maximum.
 
     ray.init(address=autoscaling_cluster[0])
     assert ray.cluster_resources().get("GPU", 0) == 0  # no GPU worker runs when the job starts
