@@ -255,20 +255,15 @@ def photographs(count: int, seed: int) -> tuple[list[Any], str]:
     import numpy as np
     from PIL import Image
 
+    from fixtures.photos import random_crop
+
     photos, origin = load_photographs()
     rng = np.random.default_rng(seed)
     images = []
     for index in range(count):
         _, photo = photos[index % len(photos)]
         image = Image.fromarray(photo)
-        if index >= len(photos):  # variants after the originals: a random crop of at least half, maybe mirrored
-            width, height = image.size
-            crop_w, crop_h = int(width * rng.uniform(0.5, 1.0)), int(height * rng.uniform(0.5, 1.0))
-            left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
-            image = image.crop((left, top, left + crop_w, top + crop_h))
-            if rng.random() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        images.append(image)
+        images.append(random_crop(image, rng) if index >= len(photos) else image)  # the originals, then variants
     return images, origin
 
 

@@ -78,7 +78,7 @@ def train(spec: IndexSpec, sample: np.ndarray, *, seed: int = 1234) -> faiss.Ind
     return index
 
 
-def train_product_quantizer(index: faiss.IndexPQ, sample: np.ndarray, *, seed: int) -> None:
+def train_product_quantizer(index: Any, sample: np.ndarray, *, seed: int) -> None:
     """Train a PQ index's codebooks one sub-quantizer at a time with :class:`faiss.Kmeans`.
 
     The same k-means (25 iterations, 256 points per centroid at most) that ``ProductQuantizer.train`` runs, but
@@ -87,10 +87,11 @@ def train_product_quantizer(index: faiss.IndexPQ, sample: np.ndarray, *, seed: i
     """
     quantizer = index.pq
     width = quantizer.dsub
-    centroids = []
+    centroids: list[np.ndarray] = []
     for part in range(quantizer.M):
         kmeans = faiss.Kmeans(width, quantizer.ksub, niter=25, seed=seed + part, max_points_per_centroid=256)
         kmeans.train(np.ascontiguousarray(sample[:, part * width:(part + 1) * width]))
+        assert kmeans.centroids is not None  # set by train()
         centroids.append(kmeans.centroids)
     faiss.copy_array_to_vector(np.concatenate(centroids).ravel(), quantizer.centroids)
     index.is_trained = True
