@@ -230,8 +230,6 @@ def test_dedup_groups_planted_near_duplicates_and_nothing_else(tmp_path) -> None
     assert json.loads((tmp_path / "index" / "_index.json").read_text())["index"]["metric"] == "cosine"
 
 
-
-
 def test_a_refined_product_quantised_index_trains_merges_in_id_order_and_finds_indexed_vectors() -> None:
     """The recipe chosen at one eighth of the raw size: coarse PQ codes probed, finer PQ codes re-ranking. Its
     refining codebooks are trained per sub-quantizer (build.train_product_quantizer), and its two stages are merged
