@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -90,6 +91,21 @@ def test_local_versions_are_this_process() -> None:
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),
     }
+
+
+def test_local_versions_do_not_import_torch() -> None:
+    """A fresh worker reports torch's version from the installed metadata, the same string, without the import."""
+    import subprocess
+    import sys
+
+    import torch
+
+    script = (
+        "import json, sys; from pipeline.versions import local_versions; "
+        "print(json.dumps([local_versions()['torch'], 'torch' in sys.modules]))"
+    )
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert json.loads(output) == [str(torch.__version__), False]
 
 
 # --------------------------------------------------------------------------------------------------------------------
