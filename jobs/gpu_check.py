@@ -773,7 +773,7 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
     from pipeline.config import JobConfig
     from pipeline.infer import InferenceActor, InferenceSettings
     from pipeline.layout import OutputLayout
-    from pipeline.plan import read_and_decode_shards
+    from pipeline.reader import read_and_decode_shards
     from pipeline.shards import ShardTracker
     from pipeline.sink import output_schema
     from pipeline.writer import finalize_shard, write_fragments

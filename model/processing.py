@@ -5,8 +5,10 @@ The work is split where the data is smallest, so that each half runs where it is
 * **CPU half** -- :meth:`ViTHybridImageProcessor.to_uint8`: decode, optional EXIF orientation, RGB conversion, resize
   and centre crop with Pillow, ending in a ``(crop_h, crop_w, 3)`` ``uint8`` array. A uint8 crop is a quarter of the bytes
   of the float tensor the model eats, which is what Ray Data should move between processes and onto the GPU.
-* **Device half** -- :class:`PixelNormalizer` (``processor.normalizer(device)``): rescale and normalise a stacked
-  ``(N, H, W, 3)`` uint8 batch on the accelerator into ``(N, 3, H, W)`` floats in channels-last memory.
+* **Device half** -- :class:`model.normalization.PixelNormalizer` (``processor.normalizer(device)``): rescale and
+  normalise a stacked ``(N, H, W, 3)`` uint8 batch on the accelerator into ``(N, 3, H, W)`` floats in channels-last
+  memory. It is the only part that needs torch, imported when a normalizer or a ``"pt"`` tensor is asked for, so
+  that the decode workers that run the CPU half never import torch.
 
 :meth:`ViTHybridImageProcessor.preprocess` (and ``__call__``) joins the two halves for code written against
 ``transformers``; its ``pixel_values`` are bit-identical to ``transformers.ViTHybridImageProcessor`` configured the
@@ -45,13 +47,18 @@ import logging
 import math
 import numbers
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: a decode worker never needs it
+    import torch
+
+    from model.normalization import PixelNormalizer
 
 logger = logging.getLogger(__name__)
 
@@ -392,54 +399,7 @@ def _resize_window_exact(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Device half.
-
-
-class PixelNormalizer(torch.nn.Module):
-    """Rescale + normalise a uint8 ``(N, H, W, 3)`` batch into ``(N, 3, H, W)`` floats in channels-last memory.
-
-    The work is one gather from a ``3 x 256`` table (see :meth:`_Settings.lookup_table`): bit-identical to the
-    reference in float32 and a single memory-bound kernel on the GPU. The result is a ``permute`` of the gathered
-    ``(N, H, W, 3)`` tensor, which is exactly channels-last memory, so no copy is made for the conv stem.
-    Other dtypes (bfloat16, float16) are the float32 values rounded once.
-    """
-
-    table: torch.Tensor
-    channel_offsets: torch.Tensor
-    index_elements = 1 << 24  # subpixels indexed per step: bounds the int64 index buffer to 128 MiB
-
-    def __init__(
-        self, table: np.ndarray, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> None:
-        super().__init__()
-        if table.shape != (3, 256):
-            raise ValueError(f"table must have shape (3, 256), got {table.shape}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating point type, got {dtype}")
-        flat = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32).reshape(-1))
-        self.register_buffer("table", flat.to(device=device, dtype=dtype), persistent=False)
-        offsets = torch.tensor([0, 256, 512], dtype=torch.int64, device=device)
-        self.register_buffer("channel_offsets", offsets, persistent=False)
-
-    def forward(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        if isinstance(pixels, np.ndarray):
-            pixels = torch.from_numpy(pixels)
-        if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
-            raise ValueError(
-                f"expected a uint8 batch of shape (N, H, W, 3) as stacked from to_uint8, got {pixels.dtype} "
-                f"{tuple(pixels.shape)}"
-            )
-        table = self.table.to(pixels.device)
-        offsets = self.channel_offsets.to(pixels.device)
-        values = torch.empty(pixels.shape, dtype=table.dtype, device=pixels.device)
-        flat_values = values.view(pixels.shape[0], -1)
-        # int64 indices are 8 bytes per subpixel (0.9 GB for 256 images of 384x384): build them a slice at a time.
-        step = max(1, self.index_elements // max(1, pixels[0].numel()))
-        for start in range(0, pixels.shape[0], step):
-            index = pixels[start : start + step].to(torch.int64)  # the index type every backend gathers with
-            index += offsets
-            torch.index_select(table, 0, index.view(-1), out=flat_values[start : start + step].view(-1))
-        return values.permute(0, 3, 1, 2)
+# Results.
 
 
 class BatchFeature(dict):
@@ -454,7 +414,7 @@ class BatchFeature(dict):
     def to(self, *args: Any, **kwargs: Any) -> BatchFeature:
         """Move/cast the tensors (``.to("cuda")``, ``.to(torch.bfloat16)``); numpy values stay as they are."""
         return BatchFeature(
-            {key: value.to(*args, **kwargs) if isinstance(value, torch.Tensor) else value for key, value in self.items()}
+            {key: value.to(*args, **kwargs) if _is_tensor(value) else value for key, value in self.items()}
         )
 
 
@@ -692,13 +652,18 @@ class ViTHybridImageProcessor:
     # --------------------------------------------------------------------------------------------- the device half
 
     def normalizer(
-        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> PixelNormalizer:
-        """The device half: a module turning stacked :meth:`to_uint8` outputs into ``pixel_values``."""
+        """The device half: a module turning stacked :meth:`to_uint8` outputs into ``pixel_values`` (float32 unless
+        ``dtype`` says otherwise)."""
+        import torch
+
+        from model.normalization import PixelNormalizer
+
         table = self._settings().lookup_table()
         if table is None:  # neither rescale nor normalise: the values themselves, as floats
             table = np.broadcast_to(np.arange(256, dtype=np.float32), (3, 256))
-        return PixelNormalizer(table, device=device, dtype=dtype)
+        return PixelNormalizer(table, device=device, dtype=dtype or torch.float32)
 
     # ---------------------------------------------------------------------------------------- the transformers API
 
@@ -744,7 +709,11 @@ class ViTHybridImageProcessor:
                 "turn do_center_crop on or use return_tensors=None"
             )
         batch = np.stack(outputs)
-        return BatchFeature(pixel_values=torch.from_numpy(batch) if return_tensors == "pt" else batch)
+        if return_tensors == "pt":
+            import torch
+
+            return BatchFeature(pixel_values=torch.from_numpy(batch))
+        return BatchFeature(pixel_values=batch)
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         """Same as :meth:`preprocess`."""
@@ -758,11 +727,17 @@ def _json_channels(value: Any) -> float | list[float]:
     return [float(item) for item in value]
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch: where torch was never imported, nothing is one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _flatten_images(images: Any) -> list[Any]:
     """One image, a list (possibly nested) of images, or a 4-D batch array -> flat list, like the reference."""
     if isinstance(images, (list, tuple)):
         return [image for item in images for image in _flatten_images(item)]
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+    if (isinstance(images, np.ndarray) or _is_tensor(images)) and images.ndim == 4:
         return list(images)
     return [images]
 
@@ -771,7 +746,7 @@ def _as_pil(image: Any, input_data_format: str | None) -> Image.Image:
     """A PIL image as is; a uint8 (H, W, 3) or (3, H, W) array/tensor as an RGB image (what the reference resizes)."""
     if isinstance(image, Image.Image):
         return image
-    if isinstance(image, torch.Tensor):
+    if _is_tensor(image):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")

@@ -22,8 +22,8 @@ import transformers
 from PIL import Image, ImageOps
 
 from model import processing
+from model.normalization import PixelNormalizer
 from model.processing import (
-    PixelNormalizer,
     ResizeTooLargeError,
     ViTHybridImageProcessor,
 )
