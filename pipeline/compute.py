@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig, canonical_dtype
-from pipeline.cpu import count_cpu_nodes, size_cpu_node, smallest_cpu_node
+from pipeline.cpu import count_cpu_nodes, cpu_actor_environment, size_cpu_node, smallest_cpu_node
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class ComputePlan:
     max_actors: int
     actor_resources: dict[str, float] = field(default_factory=dict)  # num_gpus / num_cpus per actor
     torch_threads: int | None = None  # CPU actors only
+    actor_env: dict[str, str] = field(default_factory=dict)  # environment of each actor process (CPU: the allocator)
     decode_cpus: float = 1.0  # CPUs reserved per decode task
     pad_to_batch: bool = False
     gpus_to_request: int = 0  # GPU bundles to ask the autoscaler for (beyond what runs now), 0 for none
@@ -129,6 +130,7 @@ def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
         min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
         actor_resources={"num_cpus": cpus},
         torch_threads=math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads,
+        actor_env=cpu_actor_environment(),
         decode_cpus=config.decode_cpus or sizing.decode_cpus_per_task,
         pad_to_batch=config.compile,  # a compiled CPU model also wants one shape
     )

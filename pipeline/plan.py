@@ -334,6 +334,8 @@ def _build_dataset(
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments()),
         **actor_resources,
+        # Merged by Ray with the job's own runtime_env (a ray job submit --working-dir stays in force).
+        **({"runtime_env": {"env_vars": compute.actor_env}} if compute.actor_env else {}),
     )
     # The writer stage: rows are written where they are, as fragments; only metadata rows go on to the driver.
     return dataset.map_batches(

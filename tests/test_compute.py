@@ -27,7 +27,7 @@ from pipeline.compute import (
     observe_cluster,
 )
 from pipeline.config import JobConfig
-from pipeline.cpu import size_cpu_node
+from pipeline.cpu import cpu_actor_environment, size_cpu_node
 
 
 def job(**overrides: object) -> JobConfig:
@@ -45,6 +45,7 @@ def test_auto_uses_gpus_the_cluster_can_reach_although_none_runs_yet() -> None:
     assert plan.max_actors == 8 and plan.min_actors == 1 and plan.gpus_to_request == 8
     assert plan.actor_resources == {"num_gpus": 1.0, "num_cpus": 1.0}
     assert plan.batch_size == 256 and plan.pad_to_batch and plan.torch_threads is None
+    assert plan.actor_env == {}  # GPU actors keep the node's allocator
 
 
 def test_pool_grows_past_the_gpus_present_and_honours_max_actors() -> None:
@@ -84,6 +85,7 @@ def test_cpu_only_clusters_use_the_node_decided_dtype_and_every_core() -> None:
     assert decide_compute(job(dtype="fp32"), three_nodes).dtype == "float32"  # a named dtype wins
     assert decide_compute(job(), ClusterView(gpus_now=0, gpus_reachable=0)).dtype == "float32"  # not probed
     assert decide_compute(job(decode_cpus=2.0), three_nodes).decode_cpus == 2.0
+    assert plan.actor_env == cpu_actor_environment()  # the allocator that reuses freed activations
     assert decide_compute(job(), ClusterView(gpus_now=1, gpus_reachable=1, cpu_dtype="float32")).decode_cpus == 1.0
 
 
