@@ -377,6 +377,9 @@ def format_report(results: Mapping[str, Any]) -> str:
     if model.get("cpu_over_wall") is not None:
         lines.append(f"   CPU time / wall    {model['cpu_over_wall']:>10.2f}            (with {model['torch_threads']} "
                      f"thread(s); lower means the cores were shared)")
+    if model.get("device") == "cpu":
+        lines.append(f"   allocator          {model.get('allocator') or 'glibc defaults'}   (the CPU actors' GLIBC_TUNABLES, "
+                     "pipeline.cpu)")
     lines += [
         "",
         "2. decode + preprocess, images/s per CPU core (1 thread)",

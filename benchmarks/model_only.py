@@ -28,6 +28,12 @@ NEEDS: tuple[str, ...] = ("inputs",)
 TOP_K = 5
 
 
+def measured_allocator() -> str | None:
+    """The ``GLIBC_TUNABLES`` this process runs with, as ``python -m jobs.benchmark`` recorded them when it re-executed
+    itself with the CPU actors' allocator (None when the stage runs from a plain ``main()`` call, as in tests)."""
+    return os.environ.get("VIT_HYBRID_BENCHMARK_MEASURED_TUNABLES")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -196,6 +202,7 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "images_per_s": settings.batch_size * len(seconds) / sum(seconds),
         "flops_per_image": flops,
         "actor_startup_s": actor_startup_s,
+        "allocator": measured_allocator(),  # the CPU actors' GLIBC_TUNABLES when run as python -m jobs.benchmark
         "cpu_over_wall": cpu_over_wall if settings.device == "cpu" else None,
         "load": model_load.to_dict(),
         "checkpoint_location": settings.storage,

@@ -63,6 +63,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -247,5 +249,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+# Set in the environment of the benchmark's own re-executed process (see with_actor_allocator): the GLIBC_TUNABLES the
+# user had, and (for the record in the results) the ones this process runs with.
+_REEXECUTED = "VIT_HYBRID_BENCHMARK_ALLOCATOR"
+MEASURED_ALLOCATOR = "VIT_HYBRID_BENCHMARK_MEASURED_TUNABLES"
+
+
+def with_actor_allocator() -> None:
+    """Re-execute this command once with the CPU inference actor's allocator settings, then keep them to itself.
+
+    Why: the job's CPU actors run with :func:`pipeline.cpu.cpu_actor_environment` (glibc reads it when a process
+    starts), and "end to end / model only" must compare like with like, so the model-only stage, which runs in this
+    process, needs the same allocator. In the re-executed process the variable is removed from ``os.environ`` at
+    once: the Ray that the end-to-end stage starts, and its decode and writer workers, get the node's defaults as in
+    a real job, and the inference actor gets the settings from the job itself.
+    """
+    from pipeline.cpu import cpu_actor_environment
+
+    inherited = os.environ.pop(_REEXECUTED, None)
+    if inherited is not None:  # the re-executed process: give children back what the user had
+        os.environ[MEASURED_ALLOCATOR] = os.environ.get("GLIBC_TUNABLES", "")
+        if inherited:
+            os.environ["GLIBC_TUNABLES"] = inherited
+        else:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        return
+    environment = {**os.environ, **cpu_actor_environment(), _REEXECUTED: os.environ.get("GLIBC_TUNABLES", "")}
+    os.execve(sys.executable, [sys.executable, "-m", "jobs.benchmark", *sys.argv[1:]], environment)
+
+
 if __name__ == "__main__":
+    with_actor_allocator()
     main()
