@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per input shard (default: about 4 shards per decode task, at least one batch)")
     parser.add_argument("--phone-every", type=int, default=10, help="one 12 MP phone photo every N images (0: none)")
     parser.add_argument("--warmup-batches", type=int, default=None, help="untimed model-only batches (default 3 GPU, 1 CPU)")
-    parser.add_argument("--timed-batches", type=int, default=None, help="timed model-only batches (default 20 GPU, 4 CPU: a CPU batch varies by +-10%% here)")
+    parser.add_argument("--timed-batches", type=int, default=None, help="timed model-only batches (default 20 GPU, 4 CPU: CPU batches vary)")
     parser.add_argument("--decode-seconds", type=float, default=None, help="time spent per decode path and kind (default 2, quick 0.05)")
     parser.add_argument("--storage", choices=["s3", "local"], default="s3",
                         help="where shards, checkpoint and output live: moto S3 on 127.0.0.1, or local files")
