@@ -225,3 +225,45 @@ def test_machine_stage_alone_reports_this_cpu(capsys: pytest.CaptureFixture) -> 
     assert results["settings"]["dtype"] == machine["auto_dtype"]  # the model stage would run in the job's dtype
     printed = capsys.readouterr().out
     assert "dtype auto on CPU" in printed and machine["described"] in printed
+
+
+@pytest.mark.slow
+def test_command_line_measures_the_model_with_the_actors_allocator(tmp_path: pytest.TempPathFactory) -> None:
+    """``python -m jobs.benchmark`` re-executes itself with the CPU actors' GLIBC_TUNABLES, so that the model-only
+    stage (in this process) runs as the job's actors do, and records them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.cpu import cpu_actor_environment
+
+    path = Path(str(tmp_path)) / "model.json"
+    subprocess.run(
+        [sys.executable, "-m", "jobs.benchmark", "--quick", "--device", "cpu", "--stages", "model", "--json", str(path)],
+        env={key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"},
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    assert model["allocator"] == cpu_actor_environment()["GLIBC_TUNABLES"]
+
+
+@pytest.mark.parametrize("users_own", ["", "glibc.malloc.tcache_count=8"])
+def test_the_reexecuted_benchmark_gives_its_children_the_users_allocator_back(
+    monkeypatch: pytest.MonkeyPatch, users_own: str
+) -> None:
+    """In the re-executed process the actors' tunables stay this process's own: Ray and its decode and writer workers,
+    started from here, see what the user had (nothing, or the user's own GLIBC_TUNABLES)."""
+    import os
+
+    from jobs import benchmark
+    from pipeline.cpu import cpu_actor_environment
+
+    tuned = cpu_actor_environment()["GLIBC_TUNABLES"]
+    monkeypatch.setenv("GLIBC_TUNABLES", tuned)
+    monkeypatch.setenv(benchmark._REEXECUTED, users_own)
+    monkeypatch.delenv(benchmark.MEASURED_ALLOCATOR, raising=False)
+    benchmark.with_actor_allocator()  # the re-executed branch: returns instead of exec'ing
+    assert os.environ.get("GLIBC_TUNABLES") == (users_own or None)
+    assert os.environ[benchmark.MEASURED_ALLOCATOR] == tuned
+    assert benchmark._REEXECUTED not in os.environ
