@@ -28,10 +28,14 @@ NEEDS: tuple[str, ...] = ("inputs",)
 TOP_K = 5
 
 
+# Where ``python -m jobs.benchmark`` records the GLIBC_TUNABLES it re-executed itself with (the CPU actors' allocator).
+MEASURED_ALLOCATOR = "VIT_HYBRID_BENCHMARK_MEASURED_TUNABLES"
+
+
 def measured_allocator() -> str | None:
     """The ``GLIBC_TUNABLES`` this process runs with, as ``python -m jobs.benchmark`` recorded them when it re-executed
-    itself with the CPU actors' allocator (None when the stage runs from a plain ``main()`` call, as in tests)."""
-    return os.environ.get("VIT_HYBRID_BENCHMARK_MEASURED_TUNABLES")
+    itself with the CPU actors' allocator (None on a GPU run, or when the stage runs from a plain ``main()`` call)."""
+    return os.environ.get(MEASURED_ALLOCATOR)
 
 
 def synchronize(device: torch.device) -> None:

@@ -74,6 +74,7 @@ from typing import Any
 import torch
 
 from benchmarks import measures as benchmarking
+from benchmarks.model_only import MEASURED_ALLOCATOR
 from benchmarks.stages import (
     DEFAULT_STAGES,
     STAGES,
@@ -177,14 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def benchmark_device(requested: str) -> str:
+    """``cuda`` or ``cpu``: what ``--device`` names, ``auto`` being cuda where torch sees one."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     """Fill the defaults that depend on the device, on this CPU and on --quick."""
     from pipeline import cpu
     from pipeline.config import canonical_dtype
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device here")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = benchmark_device(args.device)
     gpu = device == "cuda"
     usable = cpu.usable_cpus()
     actors = args.actors or (torch.cuda.device_count() if gpu else 1)
@@ -250,19 +256,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 # Set in the environment of the benchmark's own re-executed process (see with_actor_allocator): the GLIBC_TUNABLES the
-# user had, and (for the record in the results) the ones this process runs with.
+# user had. The ones this process runs with are recorded under MEASURED_ALLOCATOR, which the model-only stage reports.
 _REEXECUTED = "VIT_HYBRID_BENCHMARK_ALLOCATOR"
-MEASURED_ALLOCATOR = "VIT_HYBRID_BENCHMARK_MEASURED_TUNABLES"
 
 
-def with_actor_allocator() -> None:
-    """Re-execute this command once with the CPU inference actor's allocator settings, then keep them to itself.
+def with_actor_allocator(device: str) -> None:
+    """On a CPU run, re-execute this command once with the CPU inference actors' allocator settings, then keep them to
+    this process.
 
     Why: the job's CPU actors run with :func:`pipeline.cpu.cpu_actor_environment` (glibc reads it when a process
     starts), and "end to end / model only" must compare like with like, so the model-only stage, which runs in this
     process, needs the same allocator. In the re-executed process the variable is removed from ``os.environ`` at
     once: the Ray that the end-to-end stage starts, and its decode and writer workers, get the node's defaults as in
-    a real job, and the inference actor gets the settings from the job itself.
+    a real job, and the inference actor gets the settings from the job itself. GPU actors keep the node's allocator,
+    and so does a GPU run of the benchmark.
     """
     from pipeline.cpu import cpu_actor_environment
 
@@ -274,10 +281,12 @@ def with_actor_allocator() -> None:
         else:
             os.environ.pop("GLIBC_TUNABLES", None)
         return
+    if device != "cpu":
+        return
     environment = {**os.environ, **cpu_actor_environment(), _REEXECUTED: os.environ.get("GLIBC_TUNABLES", "")}
     os.execve(sys.executable, [sys.executable, "-m", "jobs.benchmark", *sys.argv[1:]], environment)
 
 
 if __name__ == "__main__":
-    with_actor_allocator()
+    with_actor_allocator(benchmark_device(build_parser().parse_args().device))
     main()

@@ -262,8 +262,21 @@ def test_the_reexecuted_benchmark_gives_its_children_the_users_allocator_back(
     tuned = cpu_actor_environment()["GLIBC_TUNABLES"]
     monkeypatch.setenv("GLIBC_TUNABLES", tuned)
     monkeypatch.setenv(benchmark._REEXECUTED, users_own)
-    monkeypatch.delenv(benchmark.MEASURED_ALLOCATOR, raising=False)
-    benchmark.with_actor_allocator()  # the re-executed branch: returns instead of exec'ing
+    monkeypatch.setenv(benchmark.MEASURED_ALLOCATOR, "stale")  # overwritten; and put back after the test
+    benchmark.with_actor_allocator("cpu")  # the re-executed branch: returns instead of exec'ing
     assert os.environ.get("GLIBC_TUNABLES") == (users_own or None)
     assert os.environ[benchmark.MEASURED_ALLOCATOR] == tuned
     assert benchmark._REEXECUTED not in os.environ
+
+
+def test_a_gpu_run_of_the_benchmark_keeps_the_nodes_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU actors keep the node's allocator, so a GPU run is not re-executed (here it would replace pytest itself)."""
+    import os
+
+    from jobs import benchmark
+
+    monkeypatch.delenv(benchmark._REEXECUTED, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    benchmark.with_actor_allocator("cuda")
+    assert "GLIBC_TUNABLES" not in os.environ and benchmark.MEASURED_ALLOCATOR not in os.environ
+
