@@ -14,7 +14,7 @@ import torch
 class PixelNormalizer(torch.nn.Module):
     """Rescale + normalise a uint8 ``(N, H, W, 3)`` batch into ``(N, 3, H, W)`` floats in channels-last memory.
 
-    The work is one gather from a ``3 x 256`` table (see :meth:`_Settings.lookup_table`): bit-identical to the
+    The work is one gather from a ``3 x 256`` table (see :meth:`model.processing._Settings.lookup_table`): bit-identical to the
     reference in float32 and a single memory-bound kernel on the GPU. The result is a ``permute`` of the gathered
     ``(N, H, W, 3)`` tensor, which is exactly channels-last memory, so no copy is made for the conv stem.
     Other dtypes (bfloat16, float16) are the float32 values rounded once.

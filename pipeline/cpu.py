@@ -370,24 +370,6 @@ def count_cpu_nodes(nodes: Iterable[Mapping[str, Any]]) -> int:
     )
 
 
-__all__ = [
-    "CpuCapabilities",
-    "CpuDtypeDecision",
-    "CpuNodePlan",
-    "capabilities_from_flags",
-    "capabilities_from_proc_cpuinfo",
-    "choose_cpu_dtype",
-    "count_cpu_nodes",
-    "decide_on_this_node",
-    "detect_cpu_capabilities",
-    "measure_bf16_speedup",
-    "parse_cpuinfo",
-    "probe_cpu_node",
-    "size_cpu_node",
-    "smallest_cpu_node",
-]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The inference actor's memory allocator
 # --------------------------------------------------------------------------------------------------------------------
@@ -416,3 +398,23 @@ def cpu_actor_environment() -> dict[str, str]:
     """Environment variables for a CPU inference actor's process: :data:`CPU_ACTOR_MALLOC_TUNABLES` as
     ``GLIBC_TUNABLES`` (Ray's ``runtime_env`` sets them for that process only; other workers keep the node's)."""
     return {"GLIBC_TUNABLES": ":".join(f"{name}={value}" for name, value in CPU_ACTOR_MALLOC_TUNABLES)}
+
+
+__all__ = [
+    "CPU_ACTOR_MALLOC_TUNABLES",
+    "CpuCapabilities",
+    "CpuDtypeDecision",
+    "CpuNodePlan",
+    "capabilities_from_flags",
+    "capabilities_from_proc_cpuinfo",
+    "choose_cpu_dtype",
+    "count_cpu_nodes",
+    "cpu_actor_environment",
+    "decide_on_this_node",
+    "detect_cpu_capabilities",
+    "measure_bf16_speedup",
+    "parse_cpuinfo",
+    "probe_cpu_node",
+    "size_cpu_node",
+    "smallest_cpu_node",
+]
