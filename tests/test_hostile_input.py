@@ -148,6 +148,13 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     truncated_uri = f"{base}/c-truncated.tar"
     _put(truncated_uri, good[: good.find(b"good-5.jpg") + 700])  # cut inside good-5's image data
     survivors = [f"good-{row}" for row in range(5)]
+    # Good shards last, so that some are certainly still to do when the budget trips (six shards could all commit
+    # before the abort took effect on a fast worker).
+    good_uris = [f"{base}/d-good-{index}.tar" for index in range(4)]
+    for index, uri in enumerate(good_uris):
+        _put(uri, tar_bytes([(f"fine-{index}-{row}.jpg", encode(photo(40 + 3 * index + row), "JPEG"))
+                             for row in range(3)]))
+    shard_count = 4 + 2 + len(good_uris)
 
     output = tmp_path / "out"
     args = ["--input", base, "--output", str(output), "--model", model, "--batch-size", "8", "--top-k", "3"]
@@ -157,7 +164,7 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     message = error_line(aborted.stderr)
     assert message.startswith("aborted:") and "--max-error-fraction 0.5" in message and str(output) in message
     committed_at_abort = committed_shards(str(output))
-    assert committed_at_abort and len(committed_at_abort) < 6, committed_at_abort
+    assert committed_at_abort and len(committed_at_abort) < shard_count, committed_at_abort
     book = output.parent / f"{output.name}.job"  # the bookkeeping lives beside the output
     assert not (book / "SUCCESS").exists()
     assert json.loads((book / "summary.json").read_text())["status"] == "aborted"
@@ -174,10 +181,11 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     rows = table.select(["source", "key", "error", "label"]).to_pylist()
     # The truncated shard: the samples read before the cut, then one row standing for the unreadable rest.
     truncated_rows = len(survivors) + 1
-    assert len(rows) == 4 * 25 + len(MEMBER_ORDER) + truncated_rows
+    assert len(rows) == 4 * 25 + len(MEMBER_ORDER) + truncated_rows + 3 * len(good_uris)
     by_source = Counter(row["source"] for row in rows)
     expected_counts = {uri: 25 for uri in garbage_keys}
     expected_counts.update({hostile_uri: len(MEMBER_ORDER), truncated_uri: truncated_rows})
+    expected_counts.update({uri: 3 for uri in good_uris})
     assert by_source == Counter(expected_counts)
     for uri, keys in garbage_keys.items():
         garbage = [row for row in rows if row["source"] == uri]
@@ -197,6 +205,8 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     assert [row["key"] for row in truncated] == [SHARD_ERROR_KEY, *survivors]
     assert truncated[0]["error"].startswith("truncated tar") and truncated_uri in truncated[0]["error"]
     assert all(row["error"] is None for row in truncated[1:])
+    fine = [row for row in rows if row["source"] in good_uris]
+    assert all(row["error"] is None and row["label"] is not None for row in fine)
 
 
 def test_hostile_parquet_rows_give_one_row_each(model: str, ray_tmpdir: str, tmp_path: Path) -> None:
