@@ -32,12 +32,7 @@ import numpy as np
 from model.storage import StorageOptions
 from pipeline.manifest import sanitize_uri
 from search import build, embeddings, store
-from search.choice import (
-    DEFAULT_MAX_INDEX_MEMORY,
-    MAX_TRAIN_PER_LIST,
-    choose_index,
-    choose_nlist,
-)
+from search.choice import DEFAULT_MAX_INDEX_MEMORY, choose_index, largest_train_size
 from search.errors import EmbeddingInputError, SearchError
 
 logger = logging.getLogger(__name__)
@@ -171,7 +166,7 @@ def build_index(config: IndexJobConfig, mapper: Mapper | None = None) -> dict[st
 
     # Sample enough to train the inverted lists this row count could need (error rows are not counted yet, so this
     # errs on the generous side), plus the recall queries.
-    wanted = min(total_rows, MAX_TRAIN_PER_LIST * choose_nlist(total_rows)) + config.recall_queries
+    wanted = largest_train_size(total_rows) + config.recall_queries
     fraction = min(1.0, 1.2 * wanted / total_rows)
     samples: list[_FileSample] = list(
         mapper(sample_file, [(uri, options, fraction, config.seed + number, config.metric) for number, uri in enumerate(files)])

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.index import clustered_vectors
 from search import build, dedup, query, store
-from search.choice import FLAT_MAX_VECTORS, choose_index, parse_memory
+from search.choice import FLAT_MAX_VECTORS, choose_index, largest_train_size, parse_memory
 from search.errors import (
     EmbeddingInputError,
     FingerprintMismatchError,
@@ -54,8 +54,9 @@ def test_choice_goes_from_exact_to_compressed_as_the_budget_shrinks() -> None:
     assert quarter.factory.endswith(",SQ8")
     eighth = choose_index(1_000_000, 768, raw // 8)
     assert "PQ" in eighth.factory and eighth.estimated_bytes <= raw // 8
-    for spec in (roomy, quarter, eighth):
+    for spec in (roomy, quarter):
         assert 39 * spec.nlist <= spec.train_size <= max(64 * spec.nlist, 39 * 256) and spec.nlist == 1024
+    assert eighth.nlist == 4096 and 39 * 4096 <= eighth.train_size <= largest_train_size(1_000_000)  # finer lists
     assert choose_index(FLAT_MAX_VECTORS + 1, 768, 1 << 40).factory != "Flat"  # exact only for small collections
     with pytest.raises(ValueError, match="at least"):
         choose_index(1_000_000, 768, 10_000_000)
@@ -199,7 +200,8 @@ def test_queries_by_key_and_by_embeddings_file_and_mismatches(tmp_path) -> None:
         query.search_vectors(stored, np.ones((1, DIM + 1), np.float32), 3)
 
 
-def test_dedup_groups_planted_near_duplicates_and_nothing_else(tmp_path) -> None:
+@pytest.mark.parametrize(("budget", "recipe"), [(3000 * DIM * 3, ",SQ8"), (174_000, "PCA48,IVF64,PQ24x8")])
+def test_dedup_groups_planted_near_duplicates_and_nothing_else(tmp_path, budget: int, recipe: str) -> None:
     rng = np.random.default_rng(6)
     base = clustered_vectors(3000, DIM, clusters=30, seed=6)
     planted = {10: [2500, 2501], 700: [2999], 1400: [1900]}
@@ -211,9 +213,10 @@ def test_dedup_groups_planted_near_duplicates_and_nothing_else(tmp_path) -> None
     folder.mkdir()
     write_job_file(folder / "part-a-00000.parquet", base, [f"k{i}" for i in range(len(base))])
     # A compressed index: candidates come from approximate scores, membership from exact ones.
-    build_index(IndexJobConfig(input=str(folder), output=str(tmp_path / "index"), max_index_memory=3000 * DIM * 3,
+    build_index(IndexJobConfig(input=str(folder), output=str(tmp_path / "index"), max_index_memory=budget,
                                recall_queries=50), mapper=local_mapper)
     stored = store.load_index(str(tmp_path / "index"))
+    assert recipe in stored.metadata["index"]["factory"]  # 8-bit codes, or residual PQ codes behind a rotation
     table = dedup.near_duplicate_groups(stored, 0.97)
     groups: dict[int, list[str]] = {}
     for row in table.to_pylist():
@@ -262,3 +265,64 @@ def test_recall_counts_at_most_k_returned_ids() -> None:
     truth = np.array([[1, 2]])
     assert build.recall_at_k(np.array([[9, 1, 2]]), truth, k=2) == 0.5  # the third id is not a guess at k=2
     assert build.recall_at_k(np.array([[7, 1, 2]]), truth, k=2, exclude=np.array([7])) == 1.0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_balanced_residual_pq_index_keeps_scores_finds_indexed_vectors_and_merges(metric: str) -> None:
+    """The recipe chosen at one eighth of the raw size (search.choice rule 4): a balanced PCA rotation without bias,
+    residual PQ codes of 2-d sub-vectors. Parts merge in any order with their ids; an indexed vector comes back as
+    its own nearest neighbour; scores approximate the exact ones (no mean shift from the rotation); range search and
+    reconstruction, which dedup and key queries use, work through the rotation."""
+    from search.choice import IndexSpec
+
+    vectors = build.prepare(clustered_vectors(4000, 64, clusters=20, seed=3), metric)
+    spec = IndexSpec("PCA56,IVF16,PQ28x8", metric, 64, len(vectors), nlist=16, pq_m=28, pca_dim=56,
+                     train_size=len(vectors))
+    trained = build.train(spec, vectors, seed=5)
+    assert trained.is_trained
+    rotation = build._rotation(trained)
+    assert rotation.balanced_bins == 28 and not np.any(faiss.vector_to_array(rotation.b))
+    variances = np.var(rotation.apply(vectors), axis=0).reshape(28, 2)  # a row per sub-quantizer
+    assert variances[:, 1].max() < variances[:, 0].min()  # each pairs a strong direction with a weak one
+    assert np.all(np.diff(variances[:, 0]) < 0) and np.all(np.diff(variances[:, 1]) > 0)  # strongest with weakest
+    assert np.var(rotation.apply(vectors), axis=0).sum() > 0.97 * np.var(vectors, axis=0).sum()  # strongest kept
+
+    serialized = build.serialize(trained)
+    index = build.merge(build.add_part(serialized, vectors[start:start + 1000], start) for start in (3000, 0, 2000, 1000))
+    assert index.ntotal == len(vectors)
+    build.set_search_params(index, nprobe=16)
+    queries = vectors[::97]
+    scores, found = index.search(queries, 10)
+    assert (found[:, 0] == np.arange(0, len(vectors), 97)).mean() >= 0.9
+    exact_scores, exact = build.exact_top_k(queries, vectors, 0, 10, metric)
+    assert build.recall_at_k(found, exact, 10) > 0.8
+    assert np.abs(scores[:, 0] - exact_scores[:, 0]).max() < 0.05  # a pure projection: no per-vector offset
+    lims, range_scores, range_ids = index.range_search(queries[:3], 0.9 if metric == "cosine" else 0.2)
+    assert 0 in range_ids[lims[0]:lims[1]]
+    faiss.extract_index_ivf(index).make_direct_map()
+    assert np.linalg.norm(index.reconstruct(5) - vectors[5]) < 0.3 * np.linalg.norm(vectors[5])
+
+
+def test_one_eighth_of_a_million_vectors_chooses_balanced_residual_pq_within_the_budget() -> None:
+    raw = 1_000_000 * 768 * 4
+    spec = choose_index(1_000_000, 768, raw // 8)
+    assert spec.factory == f"PCA{spec.pca_dim},IVF{spec.nlist},PQ{spec.pq_m}x8" and spec.pca_dim == 2 * spec.pq_m
+    assert spec.pca_dim >= 700 and spec.estimated_bytes <= raw // 8
+    assert choose_index(1_000_000, 768, raw // 20).pca_dim == 0  # too few bytes to keep half the directions
+
+
+def test_nprobe_tuning_stops_once_recall_stops_rising(caplog: pytest.LogCaptureFixture) -> None:
+    """Codes too coarse for the target: recall plateaus after a few probes, and the tuning stops two doublings later
+    instead of probing every list (minutes at a million vectors), keeping the smallest nprobe of the best recall."""
+    vectors = build.prepare(clustered_vectors(6000, 64, clusters=8, seed=4), "cosine")
+    index = faiss.index_factory(64, "IVF128,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    queries = vectors[:200]
+    _, truth = build.exact_top_k(queries, vectors, 0, 11, "cosine")
+    with caplog.at_level("INFO", logger="search.build"):
+        nprobe, recall = build.tune_nprobe(index, queries, truth, np.arange(200))
+    probed = [int(record.getMessage().split()[1].rstrip(":")) for record in caplog.records
+              if record.getMessage().startswith("nprobe ")]
+    assert recall < build.RECALL_TARGET and probed[-1] < 128 and probed == [2**i for i in range(len(probed))]
+    assert faiss.extract_index_ivf(index).nprobe == nprobe and nprobe in probed
