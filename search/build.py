@@ -26,6 +26,8 @@ RECALL_K = 10
 RECALL_TARGET = 0.95
 # Refine indexes re-rank k_factor x k candidates from the coarse codes with the finer ones.
 REFINE_K_FACTOR = 8
+# The most memory an L2 residual-PQ index may spend on its precomputed lookup table (see deserialize).
+PRECOMPUTED_TABLE_MAX_BYTES = 256 * 1024**2
 # nprobe tuning stops after two doublings that raised recall by no more than this.
 PLATEAU = 0.002
 
@@ -52,7 +54,25 @@ def serialize(index: faiss.Index) -> np.ndarray:
 
 
 def deserialize(buffer: np.ndarray | bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, bytes) else buffer)
+    """The index in ``buffer``, without an L2 residual-PQ lookup table larger than PRECOMPUTED_TABLE_MAX_BYTES.
+
+    FAISS precomputes, when it reads an ``IVF...,PQ`` index with the L2 metric, a table of nlist x m x 256 floats
+    unless it exceeds 2 GB: 1.5 GB for the 360-byte codes of a million vectors in 4,096 lists, four times the index,
+    allocated again by every task that opens a copy to add its part. Past the cap the table is not built and each
+    probed list computes its own (m x 256 x 2 multiply-adds: microseconds), at the same distances.
+    """
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, bytes) else buffer, reader.data)
+    index = faiss.read_index(reader, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        residual_pq: Any = faiss.downcast_index(ivf)
+        if residual_pq.by_residual and residual_pq.metric_type == faiss.METRIC_L2:
+            if residual_pq.nlist * residual_pq.pq.M * residual_pq.pq.ksub * 4 <= PRECOMPUTED_TABLE_MAX_BYTES:
+                residual_pq.precompute_table()
+            else:
+                residual_pq.use_precomputed_table = -1
+    return index
 
 
 def new_index(spec: IndexSpec) -> faiss.Index:

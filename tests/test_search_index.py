@@ -326,3 +326,26 @@ def test_nprobe_tuning_stops_once_recall_stops_rising(caplog: pytest.LogCaptureF
               if record.getMessage().startswith("nprobe ")]
     assert recall < build.RECALL_TARGET and probed[-1] < 128 and probed == [2**i for i in range(len(probed))]
     assert faiss.extract_index_ivf(index).nprobe == nprobe and nprobe in probed
+
+
+def test_an_l2_residual_pq_index_is_read_without_a_lookup_table_over_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FAISS would precompute nlist x m x 256 floats when it reads an L2 IVF-PQ index (1.5 GB for a million vectors
+    at one eighth of raw): past the cap the table is skipped, and the results are the same."""
+    vectors = clustered_vectors(4000, 32, clusters=10, seed=8)
+    index = faiss.index_factory(32, "IVF16,PQ16x8", faiss.METRIC_L2)
+    index.train(vectors)
+    index.add(vectors)
+    serialized = build.serialize(index)
+
+    loaded = build.deserialize(serialized)  # held: the extracted stage below does not own its memory
+    with_table = faiss.downcast_index(faiss.extract_index_ivf(loaded))
+    assert with_table.precomputed_table.size() == 16 * 16 * 256  # 256 KB: under the cap, kept for speed
+    monkeypatch.setattr(build, "PRECOMPUTED_TABLE_MAX_BYTES", 1024)
+    loaded_capped = build.deserialize(serialized)
+    without = faiss.downcast_index(faiss.extract_index_ivf(loaded_capped))
+    assert without.precomputed_table.size() == 0 and without.use_precomputed_table == -1
+    with_table.nprobe = without.nprobe = 4
+    expected_scores, expected_ids = with_table.search(vectors[:50], 5)
+    scores, ids = without.search(vectors[:50], 5)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
