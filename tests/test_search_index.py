@@ -329,18 +329,18 @@ def test_nprobe_tuning_stops_once_recall_stops_rising(caplog: pytest.LogCaptureF
 
 
 def test_an_l2_residual_pq_index_is_read_without_a_lookup_table_over_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FAISS would precompute nlist x m x 256 floats when it reads an L2 IVF-PQ index (1.5 GB for a million vectors
+    """FAISS would precompute nlist x m x ksub floats when it reads an L2 IVF-PQ index (1.5 GB for a million vectors
     at one eighth of raw): past the cap the table is skipped, and the results are the same."""
     vectors = clustered_vectors(4000, 32, clusters=10, seed=8)
-    index = faiss.index_factory(32, "IVF16,PQ16x8", faiss.METRIC_L2)
+    index = faiss.index_factory(32, "IVF16,PQ4x4", faiss.METRIC_L2)  # 16 centroids a sub-quantizer: fast to train
     index.train(vectors)
     index.add(vectors)
     serialized = build.serialize(index)
 
     loaded = build.deserialize(serialized)  # held: the extracted stage below does not own its memory
     with_table = faiss.downcast_index(faiss.extract_index_ivf(loaded))
-    assert with_table.precomputed_table.size() == 16 * 16 * 256  # 256 KB: under the cap, kept for speed
-    monkeypatch.setattr(build, "PRECOMPUTED_TABLE_MAX_BYTES", 1024)
+    assert with_table.precomputed_table.size() == 16 * 4 * 16  # 4 KB: under the cap, kept for speed
+    monkeypatch.setattr(build, "PRECOMPUTED_TABLE_MAX_BYTES", 1000)
     loaded_capped = build.deserialize(serialized)
     without = faiss.downcast_index(faiss.extract_index_ivf(loaded_capped))
     assert without.precomputed_table.size() == 0 and without.use_precomputed_table == -1
