@@ -65,13 +65,12 @@ def deserialize(buffer: np.ndarray | bytes) -> faiss.Index:
     faiss.copy_array_to_vector(np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, bytes) else buffer, reader.data)
     index = faiss.read_index(reader, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
-        residual_pq: Any = faiss.downcast_index(ivf)
-        if residual_pq.by_residual and residual_pq.metric_type == faiss.METRIC_L2:
-            if residual_pq.nlist * residual_pq.pq.M * residual_pq.pq.ksub * 4 <= PRECOMPUTED_TABLE_MAX_BYTES:
-                residual_pq.precompute_table()
-            else:
-                residual_pq.use_precomputed_table = -1
+    residual_pq: Any = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(residual_pq, faiss.IndexIVFPQ) and residual_pq.by_residual and residual_pq.metric_type == faiss.METRIC_L2:
+        if residual_pq.nlist * residual_pq.pq.M * residual_pq.pq.ksub * 4 <= PRECOMPUTED_TABLE_MAX_BYTES:
+            residual_pq.precompute_table()
+        else:
+            residual_pq.use_precomputed_table = -1
     return index
 
 

@@ -97,16 +97,17 @@ def parse_memory(text: str | int) -> int:
 def choose_nlist(count: int) -> int:
     """About sqrt(count) as a power of two, with at least MIN_TRAIN_PER_LIST vectors per list."""
     target = math.sqrt(count)
-    nlist = 2 ** max(4, round(math.log2(max(target, 16))))
-    while nlist > 16 and count < MIN_TRAIN_PER_LIST * nlist:
-        nlist //= 2
-    return min(nlist, 65536)
+    return min(_trainable_lists(count, 2 ** max(4, round(math.log2(max(target, 16))))), 65536)
 
 
 def residual_lists(count: int) -> int:
     """Lists for rule 4: RESIDUAL_LISTS_FACTOR x :func:`choose_nlist`, fewer while a list would get fewer than
     MIN_TRAIN_PER_LIST vectors."""
-    nlist = choose_nlist(count) * RESIDUAL_LISTS_FACTOR
+    return _trainable_lists(count, choose_nlist(count) * RESIDUAL_LISTS_FACTOR)
+
+
+def _trainable_lists(count: int, nlist: int) -> int:
+    """``nlist`` halved (down to 16) until ``count`` vectors give each list MIN_TRAIN_PER_LIST to train on."""
     while nlist > 16 and count < MIN_TRAIN_PER_LIST * nlist:
         nlist //= 2
     return nlist

@@ -154,7 +154,7 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     for index, uri in enumerate(good_uris):
         _put(uri, tar_bytes([(f"fine-{index}-{row}.jpg", encode(photo(40 + 3 * index + row), "JPEG"))
                              for row in range(3)]))
-    shard_count = 4 + 2 + len(good_uris)
+    shard_count = len(garbage_keys) + 2 + len(good_uris)  # garbage, hostile and truncated, good
 
     output = tmp_path / "out"
     args = ["--input", base, "--output", str(output), "--model", model, "--batch-size", "8", "--top-k", "3"]
