@@ -147,7 +147,9 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
     shared["written"] = written
     logger.info("running the classify job on %d images", settings.images)
     job = run_end_to_end(settings, model_uri, f"{base}/shards", f"{base}/predictions")
-    sizing = context.results.get("machine", {}).get("sizing") if settings.device == "cpu" else None
+    sizing = None
+    if settings.device == "cpu":
+        sizing = context.results.get("model", {}).get("job_sizing") or context.results.get("machine", {}).get("sizing")
     return {
         **job,
         "storage": "S3 (moto)" if settings.storage == "s3" else "local files",
@@ -158,6 +160,7 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "input_mb": written["input_bytes"] / 1e6,
         "input_mb_per_s": written["input_bytes"] / 1e6 / job["seconds"] if job["seconds"] else None,
         "cpus_per_actor": settings.cpus_per_actor or (sizing["cpus_per_actor"] if sizing else 1.0),
+        "actors": sizing["actors"] if sizing and settings.cpus_per_actor is None else settings.actors,
         "decode_cpus": settings.decode_cpus or (sizing["decode_cpus_per_task"] * sizing["decode_tasks"] if sizing else 1.0),
         "flags": "defaults (sized by pipeline.cpu)" if settings.device == "cpu" and settings.cpus_per_actor is None
         else "as given",

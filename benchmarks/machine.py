@@ -22,6 +22,7 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "auto_dtype": decision.dtype,
         "reason": decision.reason,
         "measured_bf16_speedup": decision.measured_bf16_speedup,
+        # Cores only: the job's own sizing also weighs the model's memory against the node's (stage "model").
         "sizing": cpu.size_cpu_node(settings.ray_cpus).to_dict() if settings.device == "cpu" else None,
     }
 
@@ -36,7 +37,7 @@ def report_lines(results: Mapping[str, Any]) -> list[str]:
     sizing = machine.get("sizing")
     if sizing:
         lines.append(
-            f"   CPU-node sizing    {sizing['node_cpus']:g} CPUs: 1 actor x {sizing['cpus_per_actor']:g} CPUs "
+            f"   CPU-node sizing    {sizing['node_cpus']:g} CPUs: {sizing['actors']} actor(s) x {sizing['cpus_per_actor']:g} CPUs "
             f"({sizing['torch_threads']} torch threads), decode {sizing['decode_tasks']} task(s) x "
             f"{sizing['decode_cpus_per_task']:g} CPU (model share of the work {sizing['model_share']:.1%})"
         )

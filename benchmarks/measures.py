@@ -161,7 +161,8 @@ def mix_rate(rates: Mapping[str, float], fractions: Mapping[str, float]) -> floa
 class PipelineBounds:
     """The two throughput ceilings of the pipeline, the binding one, and how close the measured rate came to it.
 
-    ``model_pool_images_per_s`` = one actor's model-only rate x actors; ``decode_capacity_images_per_s`` = the
+    ``model_pool_images_per_s`` = one actor's model-only rate x actors, or the rate measured for a pool of actors side
+    by side when that is higher (CPU: the job's single-threaded actors); ``decode_capacity_images_per_s`` = the
     per-core decode + preprocess rate of the input mix x the CPU cores given to decoding. The pipeline can go no
     faster than the smaller one; ``efficiency`` = measured end-to-end rate / that bound.
     """
@@ -188,15 +189,19 @@ def pipeline_bounds(
     decode_images_per_s_per_core: float,
     decode_cpus: float,
     end_to_end_images_per_s: float,
+    measured_pool_images_per_s: float | None = None,
 ) -> PipelineBounds:
-    """Bound the pipeline by its slower stage and rate the measured end-to-end throughput against it."""
+    """Bound the pipeline by its slower stage and rate the measured end-to-end throughput against it.
+
+    ``measured_pool_images_per_s``: a pool timed as a whole; the bound takes the faster of it and one actor x
+    ``actors``, so a job is judged against the best the model did alone, whichever layout gave it."""
     if model_images_per_s <= 0 or decode_images_per_s_per_core <= 0:
         raise ValueError(
             f"rates must be positive, got model {model_images_per_s} and decode {decode_images_per_s_per_core} images/s"
         )
     if actors < 1 or decode_cpus <= 0:
         raise ValueError(f"need at least one actor and some decode CPUs, got {actors} and {decode_cpus}")
-    model_pool = model_images_per_s * actors
+    model_pool = max(model_images_per_s * actors, measured_pool_images_per_s or 0.0)
     decode_capacity = decode_images_per_s_per_core * decode_cpus
     bound = min(model_pool, decode_capacity)
     return PipelineBounds(
@@ -374,6 +379,10 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"   actor start-up     {model['actor_startup_s']:>10.2f} s          (InferenceActor(...) from "
         f"{model['checkpoint_location']})",
     ]
+    if model.get("pool"):
+        pool = model["pool"]
+        lines.append(f"   the job's pool     {_rate(pool['images_per_s']):>10} images/s   ({pool['actors']} actors x "
+                     f"{pool['torch_threads']} thread(s), side by side, {len(pool['batch_seconds'][0])} timed batches each)")
     if model.get("cpu_over_wall") is not None:
         lines.append(f"   CPU time / wall    {model['cpu_over_wall']:>10.2f}            (with {model['torch_threads']} "
                      f"thread(s); lower means the cores were shared)")
@@ -411,7 +420,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         "",
         f"3. end to end ({e2e['storage']} -> decode tasks -> inference actors -> Parquet in {e2e['storage']})",
         f"   {e2e['images']} images ({e2e['phone_images']} phone), {e2e['shards']} shards of {e2e['images_per_shard']}, "
-        f"{e2e['input_mb']:.1f} MB; {bounds['decode_cpus']:g} decode CPU(s), {bounds['actors']} actor(s) x "
+        f"{e2e['input_mb']:.1f} MB; {bounds['decode_cpus']:g} decode CPU(s), {e2e.get('actors', bounds['actors'])} actor(s) x "
         f"{e2e['cpus_per_actor']:g} CPU{' + 1 GPU' if model['device'] == 'cuda' else ''}",
         f"   job                {e2e['seconds']:>10.1f} s -> {_rate(e2e['images_per_s'])} images/s "
         f"({e2e['samples']} samples, {e2e['errors']} errors, {e2e['shards_committed']} shards committed; "
@@ -419,7 +428,8 @@ def format_report(results: Mapping[str, Any]) -> str:
         "",
         "4. bounds",
         f"   model pool         {_rate(bounds['model_pool_images_per_s']):>10} images/s   "
-        f"({_rate(bounds['model_images_per_s_per_actor'])} x {bounds['actors']} actor(s))",
+        + (f"(the faster of one actor x {bounds['actors']} and the job's pool)" if model.get("pool")
+           else f"({_rate(bounds['model_images_per_s_per_actor'])} x {bounds['actors']} actor(s))"),
         f"   decode capacity    {_rate(bounds['decode_capacity_images_per_s']):>10} images/s   "
         f"({_rate(bounds['decode_images_per_s_per_core'])} per core, fast path, x {bounds['decode_cpus']:g} CPU(s))",
         f"   bound              {_rate(bounds['bound_images_per_s']):>10} images/s   ({bounds['bottleneck']}-bound)",

@@ -3,8 +3,13 @@ uses -- its construction time (the actor start-up: model load and warm-up), imag
 :func:`pipeline.infer.predict` on a uint8 batch already on the device after warm-up batches, FLOPs per image, and
 whether the fast decode path changes what the model says (against a +-1-noise control).
 
-Threads and dtype are the job's: on a CPU, the torch threads :func:`pipeline.cpu.size_cpu_node` gives the actor and
-the dtype ``auto`` resolves to on this node, so that "end to end / model only" compares like with like.
+Dtype is the job's: on a CPU, the dtype ``auto`` resolves to on this node. On a CPU two layouts of the model are timed,
+and the faster is the bound "end to end / model only" is judged against:
+
+* one actor with one torch thread per core the job gives inference (what one process can do alone);
+* the pool the job itself runs (:func:`pipeline.cpu.size_cpu_node` with this node's memory: on a small node one
+  single-threaded actor per core), as that many processes side by side, timed over the same window
+  (:func:`time_cpu_pool`).
 """
 
 from __future__ import annotations
@@ -67,6 +72,71 @@ def time_predict(actor: Any, pixels: torch.Tensor, *, warmup: int, iterations: i
             predict(actor.model, actor.normalizer, pixels, top_k=TOP_K)
             seconds.append(time.perf_counter() - started)
     return seconds
+
+
+def node_memory_bytes() -> int:
+    """This machine's memory as Ray's default ``memory`` resource sees it: 70 % of it (the rest is the object store)."""
+    return int(0.7 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def job_cpu_sizing(model_uri: str, *, node_cpus: float, dtype: str, batch_size: int) -> Any:
+    """:func:`pipeline.cpu.size_cpu_node` as the job computes it for this model on this node (memory included)."""
+    from model import ViTHybridConfig, ViTHybridImageProcessor
+    from pipeline import cpu
+    from pipeline.plan import actor_memory_estimate
+
+    estimate = actor_memory_estimate(ViTHybridConfig.from_pretrained(model_uri), ViTHybridImageProcessor.from_pretrained(model_uri))
+    return cpu.size_cpu_node(node_cpus, node_memory_bytes=node_memory_bytes(), actor_memory_bytes=estimate(dtype, batch_size))
+
+
+def _pool_member(
+    model_uri: str, dtype: str, threads: int, pixels: np.ndarray, warmup: int, iterations: int, barrier: Any, results: Any
+) -> None:
+    """One process of :func:`time_cpu_pool`: build the actor, warm up, wait for the others, then time."""
+    from pipeline.infer import InferenceActor, InferenceSettings
+
+    actor = InferenceActor(InferenceSettings(
+        model_uri=model_uri, task="classify", top_k=TOP_K, dtype=dtype, device="cpu", torch_threads=threads
+    ))
+    batch = torch.from_numpy(pixels)
+    time_predict(actor, batch, warmup=warmup, iterations=0)
+    barrier.wait()
+    started = time.time()
+    seconds = time_predict(actor, batch, warmup=0, iterations=iterations)
+    results.put({"started": started, "ended": time.time(), "batch_seconds": seconds})
+
+
+def time_cpu_pool(
+    model_uri: str, *, dtype: str, actors: int, threads: int, pixels: np.ndarray, warmup: int, iterations: int
+) -> dict[str, Any]:
+    """Images/s of ``actors`` model processes of ``threads`` threads each running at once, as the job's CPU pool does.
+
+    Each process (spawned fresh, with this process's environment and so the actors' allocator) loads the model and
+    warms up; they start timing together and the pool's rate is all their images over the window from the first
+    start to the last end.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(actors), context.Queue()
+    members = [
+        context.Process(target=_pool_member, args=(model_uri, dtype, threads, pixels, warmup, iterations, barrier, results))
+        for _ in range(actors)
+    ]
+    for member in members:
+        member.start()
+    reports = [results.get(timeout=3600) for _ in members]
+    for member in members:
+        member.join()
+    window = max(report["ended"] for report in reports) - min(report["started"] for report in reports)
+    images = actors * iterations * len(pixels)
+    return {
+        "actors": actors,
+        "torch_threads": threads,
+        "batch_seconds": [report["batch_seconds"] for report in reports],
+        "window_s": window,
+        "images_per_s": images / window,
+    }
 
 
 def count_flops_per_image(actor: Any, pixels: torch.Tensor) -> float:
@@ -189,11 +259,21 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
     context.shared["agreement"] = fast_exact_agreement(
         actor, processor, agreement_images, batch_size=min(settings.batch_size, 8)
     )
-    del actor, pixels
+    del actor
     gc.collect()
     if settings.device == "cuda":
         torch.cuda.empty_cache()
     torch.set_num_threads(threads_before)
+    pool, sizing = None, None
+    if settings.device == "cpu":
+        sizing = job_cpu_sizing(shared["model_uri"], node_cpus=settings.ray_cpus, dtype=settings.dtype,
+                                batch_size=settings.batch_size)
+        if sizing.actors > 1 and settings.cpus_per_actor is None:
+            pool = time_cpu_pool(
+                shared["model_uri"], dtype=settings.dtype, actors=sizing.actors, threads=sizing.torch_threads,
+                pixels=pixels.numpy(), warmup=settings.warmup_batches, iterations=max(2, settings.timed_batches // 2),
+            )
+    del pixels
     return {
         "config": context.results["inputs"]["config"],
         "image_size": context.results["inputs"]["image_size"],
@@ -210,4 +290,7 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "cpu_over_wall": cpu_over_wall if settings.device == "cpu" else None,
         "load": model_load.to_dict(),
         "checkpoint_location": settings.storage,
+        "job_sizing": sizing.to_dict() if sizing is not None else None,  # CPU: pipeline.cpu.size_cpu_node, memory too
+        "pool": pool,  # CPU: the job's pool of single-threaded actors timed side by side (None: one actor)
+        "best_images_per_s": max(settings.batch_size * len(seconds) / sum(seconds), pool["images_per_s"] if pool else 0.0),
     }

@@ -19,8 +19,9 @@ edges. With GPUs reachable, the pool's maximum is the GPUs reachable divided by 
 waiting for Ray Data to discover pending actors one scale-up step at a time.
 
 Without GPUs, the CPU nodes decide: ``auto`` is the dtype a CPU node computes natively (:mod:`pipeline.cpu`, probed on
-such a node), and each node's CPUs are split between one inference actor and the decode tasks by the measured cost of
-each stage (:func:`pipeline.cpu.size_cpu_node`), so that every core is busy.
+such a node), and each node's CPUs are split between single-threaded inference actors (as many as its memory holds)
+and the decode tasks by the measured cost of each stage (:func:`pipeline.cpu.size_cpu_node`), so that every core is
+busy.
 """
 
 from __future__ import annotations
@@ -29,13 +30,19 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig, canonical_dtype
-from pipeline.cpu import count_cpu_nodes, cpu_actor_environment, size_cpu_node, smallest_cpu_node
+from pipeline.cpu import (
+    count_cpu_nodes,
+    cpu_actor_environment,
+    size_cpu_node,
+    smallest_cpu_node,
+    smallest_cpu_node_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class ClusterView:
     source: str = "running"  # where gpus_reachable came from: "running", "cluster config", or a file path
     cpu_nodes: int = 1  # alive nodes with CPUs and no GPU: one inference actor each when the job runs on CPUs
     smallest_cpu_node_cpus: float = 1.0  # sizing for the smallest keeps the actor schedulable on every node
+    smallest_cpu_node_memory: float | None = None  # its Ray ``memory`` resource in bytes; None: not reported
     cpu_dtype: str | None = None  # "auto" as decided on a CPU node (pipeline.cpu.probe_cpu_node); None: not probed
 
 
@@ -91,12 +99,17 @@ def uses_gpu(config: JobConfig, cluster: ClusterView) -> bool:
     return config.device != "cpu" and max(cluster.gpus_now, cluster.gpus_reachable) > 0
 
 
-def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
+def decide_compute(config: JobConfig, cluster: ClusterView, actor_memory: Callable[[str, int], int] | None = None) -> ComputePlan:
     """The device, dtype, batch and pool for ``config`` on ``cluster``. Pure.
 
     ``auto`` uses GPUs when the cluster has or can reach any; the pool may grow to the GPUs reachable (one actor per
     ``gpus_per_actor``), never beyond ``--max-actors``. Raises :class:`ComputeError` for ``--device cuda`` on a
     cluster that has no GPU and cannot get one.
+
+    On CPU-only clusters each node gets as many single-threaded actors as its cores and memory allow
+    (:func:`pipeline.cpu.size_cpu_node`); ``actor_memory(dtype, batch_size)`` says what one actor needs in bytes
+    (:func:`pipeline.cpu.actor_memory_bytes` for the job's model), and each actor reserves it. The pool is fixed at
+    that size: the cores are there from the start, and growing the pool under load would only delay using them.
     """
     reachable = max(cluster.gpus_now, cluster.gpus_reachable)
     if config.device == "cuda" and reachable <= 0:
@@ -121,14 +134,21 @@ def decide_compute(config: JobConfig, cluster: ClusterView) -> ComputePlan:
             pad_to_batch=True,
             gpus_to_request=wanted_gpus if wanted_gpus > cluster.gpus_now else 0,
         )
-    # CPU-only: every core busy, each node split between one actor and decoding by each stage's cost.
-    sizing = size_cpu_node(cluster.smallest_cpu_node_cpus)
-    max_actors = config.max_actors or max(1, cluster.cpu_nodes)
+    # CPU-only: every core busy, each node split between its actors and decoding by each stage's cost.
+    memory = actor_memory(dtype, batch_size) if actor_memory is not None else None
+    sizing = size_cpu_node(
+        cluster.smallest_cpu_node_cpus, node_memory_bytes=cluster.smallest_cpu_node_memory, actor_memory_bytes=memory
+    )
+    per_node = 1 if config.cpus_per_actor else sizing.actors  # --cpus-per-actor: one actor of that size per node
+    max_actors = config.max_actors or max(1, cluster.cpu_nodes) * per_node
     cpus = config.cpus_per_actor or sizing.cpus_per_actor
+    resources: dict[str, float] = {"num_cpus": cpus}
+    if sizing.actor_memory_bytes:
+        resources["memory"] = float(sizing.actor_memory_bytes)
     return ComputePlan(
         use_gpu=False, device="cpu", dtype=dtype, batch_size=batch_size,
-        min_actors=max(1, min(config.min_actors, max_actors)), max_actors=max_actors,
-        actor_resources={"num_cpus": cpus},
+        min_actors=max_actors if config.min_actors <= 1 else min(config.min_actors, max_actors), max_actors=max_actors,
+        actor_resources=resources,
         torch_threads=math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads,
         actor_env=cpu_actor_environment(),
         decode_cpus=config.decode_cpus or sizing.decode_cpus_per_task,
@@ -207,6 +227,7 @@ def observe_cluster(ray: Any) -> ClusterView:
     view = ClusterView(
         gpus_now=gpus_now, gpus_reachable=reachable, source=source,
         cpu_nodes=count_cpu_nodes(nodes), smallest_cpu_node_cpus=smallest_cpu_node(nodes) or 1.0,
+        smallest_cpu_node_memory=smallest_cpu_node_memory(nodes),
     )
     logger.info("cluster GPUs: %g now, %g reachable (%s); %d CPU-only nodes", view.gpus_now, view.gpus_reachable,
                 view.source, view.cpu_nodes)

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -166,8 +166,9 @@ def run_job(config: JobConfig) -> JobSummary:
 
     compute: ComputePlan | None = None
     compute_dtype = _dtype_without_cluster(config)
+    actor_memory = actor_memory_estimate(model_config, processor)
     if compute_dtype is None:  # "auto": bfloat16 on GPUs; on CPU nodes what their CPU computes natively
-        compute = _compute_plan(config, _connect_ray())
+        compute = _compute_plan(config, _connect_ray(), actor_memory)
         compute_dtype = compute.dtype
     fingerprint = build_fingerprint(config, checkpoint.digest, processor, compute_dtype)
     with _storage_step("cannot open output", config.output):
@@ -200,7 +201,7 @@ def run_job(config: JobConfig) -> JobSummary:
     schema = output_schema(config.task, model_config.hidden_size, config.embedding_dtype)
     if pending.num_rows:
         if compute is None:
-            compute = _compute_plan(config, _connect_ray())
+            compute = _compute_plan(config, _connect_ray(), actor_memory)
         check_cluster(_connect_ray())  # refuse nodes whose Ray/torch/pyarrow differ from the driver's (exit code 4)
         dataset = _build_dataset(config, pending, processor, state.layout, compute)
         finalizer = RayFinalizer(config, state.layout, state.parquet_metadata, schema)
@@ -223,15 +224,32 @@ def _connect_ray() -> Any:
     return connect_ray()  # a failure to start or join Ray is a ClusterStartError (exit code 4)
 
 
-def _compute_plan(config: JobConfig, ray: Any) -> ComputePlan:
+def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int], int]) -> ComputePlan:
     """Device, dtype and pool for the cluster the job will have (GPUs it can scale to count): pipeline/compute.py."""
     view = observe_cluster(ray)
     if config.dtype == "auto" and not uses_gpu(config, view):
         view = dataclasses.replace(view, cpu_dtype=cpu.probe_cpu_node(ray).dtype)  # decided on a computing node
     try:
-        return decide_compute(config, view)
+        return decide_compute(config, view, actor_memory)
     except ComputeError as error:
         raise JobError(str(error)) from None
+
+
+def actor_memory_estimate(model_config: Any, processor: ViTHybridImageProcessor) -> Callable[[str, int], int]:
+    """``(dtype, batch_size) -> bytes`` one CPU inference actor of this model needs (:func:`pipeline.cpu.actor_memory_bytes`).
+
+    The parameters are counted on torch's meta device: the model's shapes without allocating (~0.1 s for full size).
+    """
+    import torch
+
+    from model import ViTHybridForImageClassification
+
+    with torch.device("meta"):
+        parameters = sum(parameter.numel() for parameter in ViTHybridForImageClassification(model_config).parameters())
+    image_size = max(processor.output_size)
+    return lambda dtype, batch_size: cpu.actor_memory_bytes(
+        parameters, batch_size=batch_size, image_size=image_size, element_bytes=torch.finfo(getattr(torch, dtype)).bits // 8
+    )
 
 
 def _dtype_without_cluster(config: JobConfig) -> str | None:
@@ -332,7 +350,7 @@ def _build_dataset(
         fn_constructor_args=(settings,),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments()),
+        compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments(compute.use_gpu)),
         **actor_resources,
         # Merged by Ray with the job's own runtime_env (a ray job submit --working-dir stays in force).
         **({"runtime_env": {"env_vars": compute.actor_env}} if compute.actor_env else {}),

@@ -12,7 +12,6 @@ removed since the first start change nothing (the first start's plan is the job)
 from __future__ import annotations
 
 import io
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,8 +69,7 @@ def plan_table(shards: Sequence[sources.Shard | Mapping[str, Any]]) -> pa.Table:
     lengths = np.fromiter((len(record.get("members") or ()) for record in records), dtype=np.int32, count=len(records))
     offsets = np.zeros(len(records) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = pa.array(list(itertools.chain.from_iterable(record.get("members") or () for record in records)), pa.string())
-    members = pa.ListArray.from_arrays(pa.array(offsets), _strip_credentials(flat))
+    members = pa.ListArray.from_arrays(pa.array(offsets), _strip_credentials(_flat_members(records)))
     return pa.table(
         {
             "shard_id": pa.array(ids, pa.string()),
@@ -84,6 +82,36 @@ def plan_table(shards: Sequence[sources.Shard | Mapping[str, Any]]) -> pa.Table:
         },
         schema=PLAN_SCHEMA,
     )
+
+
+def _flat_members(records: Sequence[Mapping[str, Any]]) -> pa.Array:
+    """Every record's members, in order, as one Arrow string array, without a Python string per member.
+
+    Loose-image shards hold :class:`pipeline.sources.Members`, consecutive slices of the one sorted listing array:
+    then the result is that array's span, zero-copy (ten million URIs would otherwise be copied once more, or
+    turned into ten million Python strings). Other members (tuples, lists, slices of different arrays) are
+    concatenated.
+    """
+    parts = [
+        members.arrow if isinstance(members, sources.Members) else pa.array(list(members), pa.string())
+        for members in (record.get("members") or () for record in records)
+        if len(members)
+    ]
+    if not parts:
+        return pa.array([], pa.string())
+    first = parts[0]
+    buffers = [buffer.address if buffer is not None else None for buffer in first.buffers()]
+    expected_offset = first.offset
+    contiguous = True
+    for part in parts:
+        same_buffers = [buffer.address if buffer is not None else None for buffer in part.buffers()] == buffers
+        if part.type != pa.string() or not same_buffers or part.offset != expected_offset:
+            contiguous = False
+            break
+        expected_offset += len(part)
+    if contiguous:
+        return pa.Array.from_buffers(pa.string(), expected_offset - first.offset, first.buffers(), offset=first.offset)
+    return pa.concat_arrays([part.cast(pa.string()) for part in parts])
 
 
 def write_plan(book: StorageFolder, table: pa.Table) -> None:

@@ -10,6 +10,7 @@ fixture below starts the same thing on a free port and a private temp dir and st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,6 +88,31 @@ def test_cpu_only_clusters_use_the_node_decided_dtype_and_every_core() -> None:
     assert decide_compute(job(decode_cpus=2.0), three_nodes).decode_cpus == 2.0
     assert plan.actor_env == cpu_actor_environment()  # the allocator that reuses freed activations
     assert decide_compute(job(), ClusterView(gpus_now=1, gpus_reachable=1, cpu_dtype="float32")).decode_cpus == 1.0
+
+
+def test_cpu_only_pools_hold_one_single_threaded_actor_per_core_that_memory_allows() -> None:
+    asked: list[tuple[str, int]] = []
+
+    def actor_memory(dtype: str, batch_size: int) -> int:
+        asked.append((dtype, batch_size))
+        return 2 * 1024**3
+
+    two_nodes = ClusterView(gpus_now=0, gpus_reachable=0, cpu_nodes=2, smallest_cpu_node_cpus=4,
+                            smallest_cpu_node_memory=32 * 1024**3, cpu_dtype="bfloat16")
+    plan = decide_compute(job(), two_nodes, actor_memory)
+    assert asked == [("bfloat16", 16)]  # the dtype and batch the actors will run
+    assert (plan.max_actors, plan.min_actors, plan.torch_threads) == (8, 8, 1)  # 4 per node, a fixed pool
+    assert plan.actor_resources["memory"] == 2 * 1024**3  # each actor reserves its memory, so Ray packs by it
+    assert 4 * plan.actor_resources["num_cpus"] + plan.decode_cpus == pytest.approx(4, abs=0.011)
+    # A node with memory for one actor: one actor with every thread.
+    small = dataclasses.replace(two_nodes, smallest_cpu_node_memory=2 * 1024**3)
+    assert (decide_compute(job(), small, actor_memory).max_actors, decide_compute(job(), small, actor_memory).torch_threads) == (2, 4)
+    # --cpus-per-actor / --max-actors are the user's: one actor of that size per node; the cap holds.
+    assert decide_compute(job(cpus_per_actor=2), two_nodes, actor_memory).max_actors == 2
+    assert decide_compute(job(max_actors=3), two_nodes, actor_memory).max_actors == 3
+    assert decide_compute(job(min_actors=2), two_nodes, actor_memory).min_actors == 2
+    # No memory estimate: one actor per node, no memory reservation.
+    assert "memory" not in decide_compute(job(), two_nodes).actor_resources
 
 
 def test_dtype_without_cluster() -> None:

@@ -149,6 +149,41 @@ def test_sizing_follows_the_measured_cost_ratio() -> None:
     assert plan.torch_threads == math.ceil(plan.cpus_per_actor)
 
 
+def test_cores_go_to_single_threaded_actors_as_far_as_memory_allows() -> None:
+    gib = 1024**3
+    # A 2-CPU node with room: two one-thread actors share what decoding leaves; every CPU reserved.
+    plan = cpu.size_cpu_node(2, node_memory_bytes=16 * gib, actor_memory_bytes=2 * gib)
+    assert (plan.actors, plan.torch_threads, plan.limited_by) == (2, 1, "cores")
+    assert plan.cpus_per_actor * 2 + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(2, abs=0.011)
+    assert plan.actor_memory_bytes == 2 * gib
+    # 8 CPUs, memory for three actors (0.75 x 8 GiB / 2 GiB): three actors of two threads; no thread over a core.
+    plan = cpu.size_cpu_node(8, node_memory_bytes=8 * gib, actor_memory_bytes=2 * gib)
+    assert (plan.actors, plan.torch_threads, plan.limited_by) == (3, 2, "memory")
+    assert plan.actors * plan.torch_threads <= 8
+    assert plan.actors * plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(8, abs=0.011)
+    # Memory for less than one: still one actor, with every thread (the node's memory is the user's to give).
+    plan = cpu.size_cpu_node(8, node_memory_bytes=1 * gib, actor_memory_bytes=2 * gib)
+    assert (plan.actors, plan.torch_threads) == (1, 8)
+    # SMT: threads are capped by physical cores first, then shared out.
+    plan = cpu.size_cpu_node(64, physical_cores=32, node_memory_bytes=512 * gib, actor_memory_bytes=2 * gib)
+    assert (plan.actors, plan.torch_threads) == (32, 1)
+    # No memory figures: one actor with every thread, as before.
+    assert cpu.size_cpu_node(16).actors == 1 and cpu.size_cpu_node(16).limited_by == "memory unknown"
+
+
+def test_actor_memory_estimate_matches_the_measured_actor() -> None:
+    # Measured: peak RSS 2.0 GiB for a Ray Data actor of the full-size model (98,950,952 parameters) at batch 16,
+    # fp32, 384 px.
+    full = cpu.actor_memory_bytes(98_950_952, batch_size=16, image_size=384)
+    assert full == pytest.approx(2.0 * 1024**3, rel=0.05)
+    # Half the element size halves weights and activations; activations grow with the pixels and the batch.
+    assert cpu.actor_memory_bytes(98_950_952, batch_size=16, image_size=384, element_bytes=2) < full
+    assert cpu.actor_memory_bytes(98_950_952, batch_size=16, image_size=768) - full == pytest.approx(
+        16 * 3 * cpu.ACTIVATION_BYTES_PER_IMAGE, rel=1e-6
+    )
+    assert cpu.actor_memory_bytes(98_950_952, batch_size=32, image_size=384) > full
+
+
 def test_threads_never_exceed_physical_cores_and_bad_inputs_are_refused() -> None:
     assert cpu.size_cpu_node(32, physical_cores=16).torch_threads == 16
     with pytest.raises(ValueError, match="at least 1 CPU"):
@@ -160,14 +195,15 @@ def test_threads_never_exceed_physical_cores_and_bad_inputs_are_refused() -> Non
 def test_cpu_nodes_from_ray_nodes() -> None:
     nodes = [
         {"Alive": True, "Resources": {"CPU": 0.0}},  # a head kept free of work
-        {"Alive": True, "Resources": {"CPU": 16.0}},
-        {"Alive": True, "Resources": {"CPU": 8.0}},
-        {"Alive": False, "Resources": {"CPU": 2.0}},
-        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 16.0, "memory": 64e9}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "memory": 30e9}},
+        {"Alive": False, "Resources": {"CPU": 2.0, "memory": 1e9}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 2e9}},
     ]
     assert cpu.smallest_cpu_node(nodes) == 8.0
+    assert cpu.smallest_cpu_node_memory(nodes) == 30e9  # alive CPU-only nodes only
     assert cpu.count_cpu_nodes(nodes) == 2
-    assert cpu.smallest_cpu_node([]) is None
+    assert cpu.smallest_cpu_node([]) is None and cpu.smallest_cpu_node_memory([]) is None
 
 
 # ---------------------------------------------------------------------------------------------------- the allocator
@@ -207,3 +243,19 @@ def test_actor_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again()
     assert min(defaults[1:]) > 40_000
     assert max(tuned[1:]) < 1_000
     assert cpu_actor_environment()["GLIBC_TUNABLES"].startswith("glibc.malloc.arena_max=1:")
+
+
+def test_the_jobs_actor_memory_estimate_counts_the_models_parameters() -> None:
+    import torch
+
+    from model import ViTHybridConfig, ViTHybridForImageClassification, ViTHybridImageProcessor
+    from pipeline.plan import actor_memory_estimate
+    from tests.reference import small_config_dict
+
+    config = ViTHybridConfig(**small_config_dict())
+    processor = ViTHybridImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    parameters = sum(parameter.numel() for parameter in ViTHybridForImageClassification(config).parameters())
+    estimate = actor_memory_estimate(config, processor)
+    assert estimate("float32", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64)
+    assert estimate("bfloat16", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64, element_bytes=2)
+    assert torch.get_default_device().type == "cpu"  # the meta-device count leaves torch's default alone

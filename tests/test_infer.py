@@ -119,9 +119,12 @@ def test_device_and_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_pool_arguments_are_accepted_by_ray_data() -> None:
     from ray.data import ActorPoolStrategy
 
-    strategy = ActorPoolStrategy(min_size=1, max_size=2, **actor_pool_arguments())
+    strategy = ActorPoolStrategy(min_size=1, max_size=2, **actor_pool_arguments(use_gpu=True))
     assert strategy.max_concurrent_calls_per_actor == CONCURRENT_CALLS >= 2
     assert strategy.enable_true_multi_threading is True
+    # CPU actors: one batch each, none queued behind it (another actor may be free for it).
+    cpu = ActorPoolStrategy(min_size=2, max_size=2, **actor_pool_arguments(use_gpu=False))
+    assert cpu.max_concurrent_calls_per_actor == 1 and cpu.max_tasks_in_flight_per_actor == 1
 
 
 def test_padding_needs_a_batch_size() -> None:
