@@ -142,13 +142,13 @@ def decide_compute(config: JobConfig, cluster: ClusterView, actor_memory: Callab
     per_node = 1 if config.cpus_per_actor else sizing.actors  # --cpus-per-actor: one actor of that size per node
     max_actors = config.max_actors or max(1, cluster.cpu_nodes) * per_node
     cpus = config.cpus_per_actor or sizing.cpus_per_actor
-    resources: dict[str, float] = {"num_cpus": cpus}
+    cpu_resources: dict[str, float] = {"num_cpus": cpus}
     if sizing.actor_memory_bytes:
-        resources["memory"] = float(sizing.actor_memory_bytes)
+        cpu_resources["memory"] = float(sizing.actor_memory_bytes)
     return ComputePlan(
         use_gpu=False, device="cpu", dtype=dtype, batch_size=batch_size,
         min_actors=max_actors if config.min_actors <= 1 else min(config.min_actors, max_actors), max_actors=max_actors,
-        actor_resources=resources,
+        actor_resources=cpu_resources,
         torch_threads=math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads,
         actor_env=cpu_actor_environment(),
         decode_cpus=config.decode_cpus or sizing.decode_cpus_per_task,
