@@ -5,7 +5,8 @@
 
 Each measurement runs in a fresh subprocess so that its peak RSS (``ru_maxrss``) is its own. Figures:
 
-* ``plan``: ``pipeline.sources.plan_shards`` on a local list file of N URIs (the files need not exist; listing a
+* ``plan``, ``plan_shuffled``: ``pipeline.sources.plan_shards`` on a local list file of N URIs, in order and
+  permuted (a sorted list is planned without a sorted copy; a permuted one needs one), (the files need not exist; listing a
   list file reads only the list), then the plan frozen as Parquet the way a job's first start does it
   (:func:`pipeline.planstore.plan_table` + :func:`pipeline.planstore.write_plan`). Seconds of each step, peak RSS of
   the process, bytes of ``plan.parquet``. The listing is helper "clients"' code; the freezing is this project's
@@ -33,14 +34,21 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_plan(folder: str, uris: int, images_per_shard: int) -> dict[str, Any]:
+def _list_order(start: int, stop: int, shuffled: bool) -> list[int]:
+    """Entry numbers of one block of the list file: in order, or permuted (a fixed stride modulo a prime)."""
+    numbers = list(range(start, stop))
+    return sorted(numbers, key=lambda number: (number * 7919) % 100_003) if shuffled else numbers
+
+
+def measure_plan(folder: str, uris: int, images_per_shard: int, shuffled: bool = False) -> dict[str, Any]:
     from pipeline import planstore, sources
     from pipeline.layout import OutputLayout
 
     list_file = Path(folder, "inputs.txt")
     with open(list_file, "w", encoding="utf-8") as handle:
         for start in range(0, uris, 100_000):
-            handle.write("".join(f"s3://bucket/photos/{i // 1000:05d}/{i:09d}.jpg\n" for i in range(start, min(uris, start + 100_000))))
+            block = _list_order(start, min(uris, start + 100_000), shuffled)
+            handle.write("".join(f"s3://bucket/photos/{i // 1000:05d}/{i:09d}.jpg\n" for i in block))
     baseline = _peak_rss_mib()
     started = time.perf_counter()
     shards = sources.plan_shards(str(list_file), images_per_shard=images_per_shard)
@@ -51,6 +59,7 @@ def measure_plan(folder: str, uris: int, images_per_shard: int) -> dict[str, Any
     frozen = time.perf_counter()
     return {
         "uris": uris,
+        "list_order": "shuffled" if shuffled else "sorted",
         "shards": len(shards),
         "list_s": round(listed - started, 2),
         "freeze_s": round(frozen - listed, 2),
@@ -95,7 +104,8 @@ def measure_resume(folder: str, commits: int) -> dict[str, Any]:
 
 def _run_child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="planning-") as folder:
-        command = [sys.executable, "-m", "benchmarks.planning", "--child", kind, "--folder", folder,
+        command = [sys.executable, "-m", "benchmarks.planning", "--child", kind.removesuffix("-shuffled"), "--folder", folder,
+                   *(["--shuffled"] if kind.endswith("-shuffled") else []),
                    "--uris", str(args.uris), "--commits", str(args.commits),
                    "--images-per-shard", str(args.images_per_shard)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -111,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images-per-shard", type=int, default=256)
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--child", choices=["plan", "resume"], help=argparse.SUPPRESS)
+    parser.add_argument("--shuffled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child == "plan":
-        print(json.dumps(measure_plan(args.folder, args.uris, args.images_per_shard)))
+        print(json.dumps(measure_plan(args.folder, args.uris, args.images_per_shard, args.shuffled)))
         return {}
     if args.child == "resume":
         print(json.dumps(measure_resume(args.folder, args.commits)))
@@ -122,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from benchmarks.measures import hardware_summary
 
-    report = {"hardware": hardware_summary(), "resume": _run_child("resume", args), "plan": _run_child("plan", args)}
+    report = {"hardware": hardware_summary(), "resume": _run_child("resume", args), "plan": _run_child("plan", args),
+              "plan_shuffled": _run_child("plan-shuffled", args)}
     hardware = report["hardware"]
     print(f"CPU: {hardware['cpu_model']} ({hardware['cpu_cores_usable']} usable of {hardware['cpu_cores']} cores)")
     resume = report["resume"]
@@ -130,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"resume over {resume['commit_records']} commit records: state open in {resume['open_s']} s, work ready in "
         f"{resume['ready_s']} s (target <= 30 s), peak RSS {resume['peak_rss_mib']} MiB"
     )
-    plan = report["plan"]
-    print(
-        f"plan {plan['uris']} URIs -> {plan['shards']} shards: listing {plan['list_s']} s + freezing {plan['freeze_s']} s"
-        f" = {plan['total_s']} s (target <= 60 s), peak RSS {plan['peak_rss_mib']} MiB (target <= 1024), "
-        f"plan.parquet {plan['plan_parquet_bytes'] / 1e6:.1f} MB"
-    )
+    for plan in (report["plan"], report["plan_shuffled"]):
+        print(
+            f"plan {plan['uris']} {plan['list_order']} URIs -> {plan['shards']} shards: listing {plan['list_s']} s + "
+            f"freezing {plan['freeze_s']} s = {plan['total_s']} s (target <= 60 s), peak RSS {plan['peak_rss_mib']} MiB "
+            f"(target <= 1024), plan.parquet {plan['plan_parquet_bytes'] / 1e6:.1f} MB"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -813,3 +813,52 @@ def test_s3_reads_survive_a_proxy_failing_a_fifth_of_requests(
     ]
     assert actual == expected
     assert faulty_proxy.faults >= 5, (faulty_proxy.faults, faulty_proxy.requests)
+
+
+# ---- planning memory: one copy of the URIs where one suffices -------------------------------------------------------
+
+
+def test_list_lines_are_concatenated_into_one_array_across_blocks_and_growth() -> None:
+    from pipeline.sources.listing import _concatenate_lines
+
+    first = pa.array(["s3://b/a.jpg", "s3://b/bb.jpg", "s3://b/c.jpg"]).slice(1)  # a slice: offsets do not start at 0
+    pieces = [first, pa.array([], pa.string()), pa.array(["s3://b/ddd.png"] * 50)]
+    joined = _concatenate_lines(iter(pieces), size_hint=10)  # far too small a hint: the buffer grows
+    assert joined.type == pa.string() and joined.to_pylist() == ["s3://b/bb.jpg", "s3://b/c.jpg"] + ["s3://b/ddd.png"] * 50
+    assert _concatenate_lines(iter([]), size_hint=0).to_pylist() == []
+
+
+def test_a_sorted_list_is_not_copied_and_an_unsorted_one_is_sorted() -> None:
+    from pipeline.sources.listing import _sorted
+
+    ordered = pa.array(["a", "b", "b", "c"])
+    assert _sorted(ordered) is ordered  # already in order: no copy
+    assert _sorted(pa.chunked_array([["c", "a"], ["b"]])).to_pylist() == ["a", "b", "c"]
+    assert _sorted(pa.array(["x"])).to_pylist() == ["x"]
+
+
+def test_a_list_file_in_any_order_plans_sorted_unique_shards(tmp_path: Path) -> None:
+    names = [f"s3://bucket/p/{index:04d}.JPG" for index in range(30)]
+    shuffled = names[7:] + names[:7] + names[3:5]  # out of order, with repeats
+    (tmp_path / "inputs.txt").write_text("\n".join(["# photos", "", *shuffled]) + "\n")
+    shards = plan_shards(str(tmp_path / "inputs.txt"), images_per_shard=8)
+    assert [member for shard in shards for member in shard.members] == names  # upper-case extensions claimed too
+    assert [len(shard.members) for shard in shards] == [8, 8, 8, 6]
+
+
+def test_the_plan_tables_members_share_the_listings_buffer() -> None:
+    from pipeline import planstore
+    from pipeline.sources.base import Members
+
+    listing = pa.array([f"s3://b/{index:03d}.jpg" for index in range(20)])
+    shards = [
+        Shard(shard_id=f"images-{index}", format="images", uri="", members=Members(listing.slice(start, 8)))
+        for index, start in enumerate(range(0, 20, 8))
+    ]
+    table = planstore.plan_table(shards)
+    assert table.column("members").to_pylist() == [listing.to_pylist()[start : start + 8] for start in range(0, 20, 8)]
+    flat = table.column("members").chunk(0).values
+    assert flat.buffers()[2].address == listing.buffers()[2].address  # zero-copy: the listing's own string data
+    # Members from different arrays (or tuples) are concatenated instead.
+    mixed = planstore.plan_table([*shards[:1], Shard(shard_id="images-x", format="images", uri="", members=("z.jpg",))])
+    assert mixed.column("members").to_pylist()[1] == ["z.jpg"]

@@ -35,6 +35,7 @@ from pipeline.sources.base import (
     batched,
     sanitize,
     short_hash,
+    single_array,
 )
 from pipeline.sources.ranged import read_whole_file
 
@@ -49,8 +50,8 @@ class ImagesFormat(ShardFormat):
     extensions = tuple(sorted(IMAGE_EXTENSIONS))
 
     def plan(self, base: str, files: pa.Table, settings: PlanSettings) -> list[Shard]:
-        names = files.column("name").combine_chunks()
-        sizes = files.column("size").combine_chunks()
+        names = single_array(files.column("name"))
+        sizes = single_array(files.column("size"))
         bounds = group_bounds(sizes, settings.images_per_shard, settings.bytes_per_shard)
         shards = []
         for index, (start, stop) in enumerate(bounds):
