@@ -296,21 +296,24 @@ def _clean_lines(lines: pa.Array) -> pa.Array:
 def _concatenate_lines(pieces: Iterable[pa.Array], size_hint: int) -> pa.Array:
     """One string array of ``pieces`` in order, built in a single growing buffer (see :func:`_parse_lines`)."""
     data = np.empty(max(size_hint, 1024), dtype=np.uint8)
-    offsets = [np.zeros(1, dtype=np.int64)]
+    offsets = [np.zeros(1, dtype=np.int32)]
     used = 0
     for piece in pieces:
         if not len(piece):
             continue
         piece_offsets = np.frombuffer(piece.buffers()[1], dtype=np.int32, count=len(piece) + 1, offset=piece.offset * 4)
         first, last = int(piece_offsets[0]), int(piece_offsets[-1])
+        if used + last - first > np.iinfo(np.int32).max:
+            raise InputError("the list file holds more than 2 GiB of URIs, more than one list can; split it in parts")
         if used + last - first > len(data):
             data = np.resize(data, max(2 * len(data), used + last - first))
         data[used : used + last - first] = np.frombuffer(piece.buffers()[2], dtype=np.uint8)[first:last]
-        offsets.append(piece_offsets[1:].astype(np.int64) - first + used)
+        shifted = piece_offsets[1:] - np.int32(first)  # int32 throughout: the offsets are a tenth of the bytes
+        shifted += np.int32(used)
+        offsets.append(shifted)
         used += last - first
-    if used > np.iinfo(np.int32).max:
-        raise InputError(f"the list file holds {used} bytes of URIs, more than one list can (2 GiB); split it in parts")
-    all_offsets = np.concatenate(offsets).astype(np.int32)
+    all_offsets = np.concatenate(offsets)
+    del offsets
     return pa.Array.from_buffers(pa.string(), len(all_offsets) - 1, [None, pa.py_buffer(all_offsets), pa.py_buffer(data)])
 
 
