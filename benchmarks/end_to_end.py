@@ -77,9 +77,11 @@ def local_ray(num_cpus: float) -> Iterator[None]:
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), saved]))
     try:
+        from pipeline.preflight import LOCAL_RAY_SYSTEM_CONFIG
+
         ray.init(
             address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False, logging_level=logging.WARNING,
-            log_to_driver=False,
+            log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,  # as the job's own in-process Ray
         )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False

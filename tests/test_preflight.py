@@ -138,3 +138,29 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     result = run_job(args, ray_tmpdir=ray_tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(committed_shards(str(output))) == 2 and Path(f"{output}.job", "SUCCESS").exists()
+
+
+def test_an_in_process_ray_keeps_idle_workers_and_a_joined_cluster_keeps_its_own_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from pipeline import preflight
+
+    calls: list[dict] = []
+
+    def fake_init(**kwargs: object) -> None:
+        calls.append(kwargs)
+        if kwargs.get("_system_config") and joining:
+            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    joining = False
+    preflight.connect_ray()
+    assert calls == [{"_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}]
+    assert preflight.LOCAL_RAY_SYSTEM_CONFIG["idle_worker_killing_time_threshold_ms"] >= 30_000
+    calls.clear()
+    joining = True
+    preflight.connect_ray()
+    assert calls == [{"_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}, {}]  # joined with the cluster's config
