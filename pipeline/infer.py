@@ -14,9 +14,11 @@ Keeping the device busy
     inside its kernels and copies, so the host work really runs beside the device's. Ray Data's own alternative
     (threads for fetching and batching only, the UDF serialised) cannot overlap *our* host work, which is most of it.
 
-Copies the host makes per image (a 384x384 crop is 442 KB, one copy ~20-40 us on one core)
-    * all rows decoded, CPU, no padding: none (the Arrow buffer is handed to torch as it is);
-    * some rows failed to decode, or padding: one (the good rows gathered straight into a reused buffer);
+Copies the host makes per image (a 384x384 crop is 442 KB, one copy ~20-80 us on one core)
+    * CPU, no padding: none. The Arrow buffer is handed to torch as it is; when some rows failed to decode, the model
+      runs on each run of good rows in place (a few smaller calls; on a CPU a call costs next to nothing beside an
+      image's second of compute) instead of gathering them into a new buffer;
+    * padding (GPUs, ``--compile``): one (the good rows gathered straight into a reused buffer);
     * CUDA: one (into a reused page-locked buffer, from which the device copies by DMA, asynchronously).
     The older path made two or three (a boolean-mask copy, ``np.ascontiguousarray``, ``pin_memory()``).
 
@@ -181,6 +183,13 @@ class _Prepared:
     rows: int  # real rows; the rest is padding
     staging: torch.Tensor | None  # host buffer to hand back once the copy has landed
     copied: Any = None  # torch.cuda.Event recorded after the host-to-device copy
+    runs: list[tuple[int, int]] | None = None  # CPU, failed rows: the good rows of ``pixels`` as [start, stop) runs
+
+
+def _good_runs(good: np.ndarray) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` runs of consecutive set entries of ``good``, in order."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], good.view(np.int8), [0]))))
+    return [(int(start), int(stop)) for start, stop in zip(edges[0::2], edges[1::2])]
 
 
 def _gather_rows(source: torch.Tensor, good: np.ndarray, target: torch.Tensor) -> None:
@@ -189,12 +198,10 @@ def _gather_rows(source: torch.Tensor, good: np.ndarray, target: torch.Tensor) -
     Failed rows are rare and scattered, so the good rows form a few long runs; one ``copy_`` per run moves memory at
     memcpy speed, where a row-indexed gather (``index_select``, boolean masks) is several times slower per byte.
     """
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], good.view(np.int8), [0]))))
     written = 0
-    for start, stop in zip(edges[0::2], edges[1::2]):
-        rows = int(stop - start)
-        target[written : written + rows].copy_(source[int(start) : int(stop)])
-        written += rows
+    for start, stop in _good_runs(good):
+        target[written : written + stop - start].copy_(source[start:stop])
+        written += stop - start
 
 
 class _StagingBuffers:
@@ -349,8 +356,9 @@ class InferenceActor:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             source = torch.from_numpy(pixels)
         padded = self._padded_rows(count)
-        if self.device.type != "cuda" and all_good and padded == count and source.is_contiguous():
-            return _Prepared(source, count, staging=None)  # zero-copy: the batch as Ray delivered it
+        if self.device.type != "cuda" and padded == count and source.is_contiguous():
+            # Zero-copy: the batch as Ray delivered it; failed rows are skipped by running the good runs in place.
+            return _Prepared(source, count, staging=None, runs=None if all_good else _good_runs(good))
         staging = self._staging.take(padded, tuple(source.shape[1:]))
         target = staging[:padded]
         if all_good:
@@ -371,11 +379,15 @@ class InferenceActor:
         if prepared.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(prepared.copied)
             pixels.record_stream(torch.cuda.current_stream(self.device))  # the copy stream's memory, used here
-        step = int(self.settings.batch_size or 0) if self.settings.pad_to_batch else int(pixels.shape[0])
         pieces = []
-        for start in range(0, prepared.rows, step):
-            rows = min(step, prepared.rows - start)
-            pieces.append(predict(self.model, self.normalizer, pixels[start : start + step], top_k=self.top_k, rows=rows))
+        if prepared.runs is not None:
+            for start, stop in prepared.runs:
+                pieces.append(predict(self.model, self.normalizer, pixels[start:stop], top_k=self.top_k))
+        else:
+            step = int(self.settings.batch_size or 0) if self.settings.pad_to_batch else int(pixels.shape[0])
+            for start in range(0, prepared.rows, step):
+                rows = min(step, prepared.rows - start)
+                pieces.append(predict(self.model, self.normalizer, pixels[start : start + step], top_k=self.top_k, rows=rows))
         if prepared.copied is not None:
             prepared.copied.synchronize()  # (already past: results came back) the staging buffer may be reused
         if len(pieces) == 1:
