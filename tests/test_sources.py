@@ -826,6 +826,8 @@ def test_list_lines_are_concatenated_into_one_array_across_blocks_and_growth() -
     joined = _concatenate_lines(iter(pieces), size_hint=10)  # far too small a hint: the buffer grows
     assert joined.type == pa.string() and joined.to_pylist() == ["s3://b/bb.jpg", "s3://b/c.jpg"] + ["s3://b/ddd.png"] * 50
     assert _concatenate_lines(iter([]), size_hint=0).to_pylist() == []
+    many = [pa.array([f"{index}" for index in range(start, start + 700)]) for start in range(0, 2100, 700)]
+    assert _concatenate_lines(iter(many), size_hint=0).to_pylist() == [f"{index}" for index in range(2100)]  # grows
 
 
 def test_a_sorted_list_is_not_copied_and_an_unsorted_one_is_sorted() -> None:
