@@ -367,11 +367,18 @@ def size_cpu_node(
     threads = max(1, math.ceil(inference_cpus - 1e-9))
     if physical_cores:
         threads = min(threads, physical_cores)
-    actors, limited_by = 1, "memory unknown"
+    actors, limited_by, reserved = 1, "memory unknown", None
     if node_memory_bytes and actor_memory_bytes:
         fits = math.floor(node_memory_bytes * ACTOR_MEMORY_SHARE / actor_memory_bytes)
         actors = max(1, min(threads, fits))
         limited_by = "memory" if fits < threads else "cores"
+        if fits >= 1:
+            reserved = actor_memory_bytes
+        else:  # reserving it could leave the actor (or the decode tasks beside it) unschedulable: run it unreserved
+            logger.warning(
+                "an inference actor needs ~%.1f GiB but the CPU node offers Ray %.1f GiB: one actor, no reservation",
+                actor_memory_bytes / 1024**3, node_memory_bytes / 1024**3,
+            )
     return CpuNodePlan(
         node_cpus=node_cpus,
         actors=actors,
@@ -380,7 +387,7 @@ def size_cpu_node(
         decode_cpus_per_task=decode_per_task,
         decode_tasks=decode_tasks,
         model_share=model_share,
-        actor_memory_bytes=actor_memory_bytes if node_memory_bytes and actor_memory_bytes else None,
+        actor_memory_bytes=reserved,
         limited_by=limited_by,
     )
 

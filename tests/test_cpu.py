@@ -161,9 +161,9 @@ def test_cores_go_to_single_threaded_actors_as_far_as_memory_allows() -> None:
     assert (plan.actors, plan.torch_threads, plan.limited_by) == (3, 2, "memory")
     assert plan.actors * plan.torch_threads <= 8
     assert plan.actors * plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(8, abs=0.011)
-    # Memory for less than one: still one actor, with every thread (the node's memory is the user's to give).
+    # Memory for less than one: still one actor, with every thread, and no reservation the node could never grant.
     plan = cpu.size_cpu_node(8, node_memory_bytes=1 * gib, actor_memory_bytes=2 * gib)
-    assert (plan.actors, plan.torch_threads) == (1, 8)
+    assert (plan.actors, plan.torch_threads, plan.actor_memory_bytes) == (1, 8, None)
     # SMT: threads are capped by physical cores first, then shared out.
     plan = cpu.size_cpu_node(64, physical_cores=32, node_memory_bytes=512 * gib, actor_memory_bytes=2 * gib)
     assert (plan.actors, plan.torch_threads) == (32, 1)
