@@ -292,5 +292,4 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "checkpoint_location": settings.storage,
         "job_sizing": sizing.to_dict() if sizing is not None else None,  # CPU: pipeline.cpu.size_cpu_node, memory too
         "pool": pool,  # CPU: the job's pool of single-threaded actors timed side by side (None: one actor)
-        "best_images_per_s": max(settings.batch_size * len(seconds) / sum(seconds), pool["images_per_s"] if pool else 0.0),
     }

@@ -392,39 +392,34 @@ def size_cpu_node(
     )
 
 
+def _cpu_only_nodes(nodes: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The resources of alive nodes with at least one CPU and no GPU, from ``ray.nodes()``."""
+    return [
+        node.get("Resources", {})
+        for node in nodes
+        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
+        and not node.get("Resources", {}).get("GPU", 0)
+    ]
+
+
 def smallest_cpu_node(nodes: Iterable[Mapping[str, Any]]) -> float | None:
     """CPUs of the smallest alive node that has CPUs and no GPU, from ``ray.nodes()``; None if there is none.
 
     Sizing for the smallest keeps the actor schedulable on every node; nodes of one type are equal anyway.
     """
-    sizes = [
-        float(node["Resources"].get("CPU", 0))
-        for node in nodes
-        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
-        and not node.get("Resources", {}).get("GPU", 0)
-    ]
+    sizes = [float(resources["CPU"]) for resources in _cpu_only_nodes(nodes)]
     return min(sizes) if sizes else None
 
 
 def smallest_cpu_node_memory(nodes: Iterable[Mapping[str, Any]]) -> float | None:
     """The least Ray ``memory`` resource (bytes) of an alive CPU-only node, from ``ray.nodes()``; None if none says."""
-    sizes = [
-        float(node["Resources"]["memory"])
-        for node in nodes
-        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
-        and not node.get("Resources", {}).get("GPU", 0) and node.get("Resources", {}).get("memory")
-    ]
+    sizes = [float(resources["memory"]) for resources in _cpu_only_nodes(nodes) if resources.get("memory")]
     return min(sizes) if sizes else None
 
 
 def count_cpu_nodes(nodes: Iterable[Mapping[str, Any]]) -> int:
-    """Alive nodes with at least one CPU and no GPU: one inference actor each on a CPU-only cluster."""
-    return sum(
-        1
-        for node in nodes
-        if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) >= 1
-        and not node.get("Resources", {}).get("GPU", 0)
-    )
+    """Alive nodes with at least one CPU and no GPU: each hosts its own inference actors on a CPU-only cluster."""
+    return len(_cpu_only_nodes(nodes))
 
 
 # --------------------------------------------------------------------------------------------------------------------
