@@ -56,7 +56,7 @@ class ImageEmbedder:
         self.exif_orientation = bool(self.job_settings.get("exif_orientation", True))
         self.processor = ViTHybridImageProcessor.from_pretrained(self.model_uri, storage_options=self.storage_options)
         self.model = ViTHybridForImageClassification.from_pretrained(
-            self.model_uri, storage_options=self.storage_options, dtype=self.dtype, device=self.device
+            self.model_uri, storage_options=self.storage_options, dtype=self.dtype, device=self.device, digest=False
         )
         self._check_matches_index()
         self.normalizer = self.processor.normalizer(device=self.device, dtype=self.dtype)

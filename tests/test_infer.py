@@ -17,6 +17,7 @@ from model.processing import ViTHybridImageProcessor
 from pipeline.config import NO_ERROR, NOT_LAST_ROW
 from pipeline.infer import (
     CONCURRENT_CALLS,
+    CPU_WARM_UP_SIDE,
     GPU_ON_CPU_VARIABLE,
     InferenceActor,
     InferenceSettings,
@@ -378,3 +379,41 @@ def test_decoding_in_the_actor_gives_the_rows_of_decoding_upstream(checkpoint: P
     beside = real_actor(checkpoint, decode_in_actor=True, decode_threads=3)(raw)
     assert beside.to_pylist() == upstream.to_pylist()
     assert sum(row["error"] is not None for row in beside.to_pylist()) == sum(sample.bad for sample in samples) > 0
+
+
+def test_cpu_warm_up_runs_one_small_image_and_padded_warm_up_a_full_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unpadded (CPU) actors warm up on one CPU_WARM_UP_SIDE-pixel image through every layer (position embeddings
+    resampled), for either task; padded actors on a full batch at the input size, the one shape later calls have."""
+    size = 2 * CPU_WARM_UP_SIDE
+    checkpoint = write_reference_checkpoint(tmp_path / "model", small_config_dict(num_labels=NUM_LABELS, image_size=size))
+    calls: list[tuple[str, tuple[int, ...], object]] = []
+    forward, embed = ViTHybridForImageClassification.forward, ViTHybridForImageClassification.embed
+
+    def recording_forward(self: ViTHybridForImageClassification, pixel_values: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(("forward", tuple(pixel_values.shape), kwargs.get("interpolate_pos_encoding")))
+        return forward(self, pixel_values, *args, **kwargs)  # type: ignore[arg-type]
+
+    def recording_embed(self: ViTHybridForImageClassification, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        calls.append(("embed", tuple(pixel_values.shape), kwargs.get("interpolate_pos_encoding")))
+        return embed(self, pixel_values, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ViTHybridForImageClassification, "forward", recording_forward)
+    monkeypatch.setattr(ViTHybridForImageClassification, "embed", recording_embed)
+    classify = real_actor(checkpoint)
+    real_actor(checkpoint, task="embed")  # its warm-up is the second call recorded
+    padded = real_actor(checkpoint, batch_size=3, pad_to_batch=True)
+    small = (1, 3, CPU_WARM_UP_SIDE, CPU_WARM_UP_SIDE)
+    assert calls == [("forward", small, True), ("embed", small, True), ("forward", (3, 3, size, size), None)]
+    # The warmed-up actor still gives the model's own full-size results.
+    batch = make_batch(2)
+    batch["pixels"] = np.random.default_rng(1).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+    warmed, reference = classify(batch), padded(batch)
+    assert warmed.column("error").to_pylist() == [None, None]
+    assert warmed.column("topk_ids").to_pylist() == reference.column("topk_ids").to_pylist()
+    np.testing.assert_allclose(
+        np.array(warmed.column("embedding").to_pylist(), dtype=np.float32),
+        np.array(reference.column("embedding").to_pylist(), dtype=np.float32),
+        atol=1e-5,
+    )

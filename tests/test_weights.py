@@ -97,9 +97,12 @@ def test_reads_from_s3_with_the_same_digest(s3_bucket: str, checkpoint: Path) ->
 
 
 def test_transient_read_errors_are_retried(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Object-store reads (here fsspec's in-memory filesystem, read through ``cat_file`` like S3) are retried."""
     import model.storage as storage
 
-    filesystem_class = type(fsspec.filesystem("file"))
+    memory = fsspec.filesystem("memory")
+    memory.put(str(checkpoint), "/flaky-ckpt", recursive=True)
+    filesystem_class = type(memory)
     original = filesystem_class.cat_file
     failures = {"left": 2}
 
@@ -111,8 +114,30 @@ def test_transient_read_errors_are_retried(checkpoint: Path, monkeypatch: pytest
 
     monkeypatch.setattr(filesystem_class, "cat_file", flaky)
     monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
-    _, info = load_checkpoint(checkpoint)
+    try:
+        _, info = load_checkpoint("memory://flaky-ckpt")
+    finally:
+        memory.rm("/flaky-ckpt", recursive=True)
     assert failures["left"] == 0 and info.sha256 == _sha256(checkpoint / "model.safetensors")
+
+
+def test_local_safetensors_are_mapped_then_owned(tmp_path: Path, checkpoint: Path) -> None:
+    """The local fast path (file mapped, each tensor cloned) gives what the bytes path gives, in memory of its own:
+    rewriting the file afterwards changes nothing, and the tensors are writable. ``digest=False`` skips the hash."""
+    folder = tmp_path / "ckpt"
+    fsspec.filesystem("file").put(str(checkpoint), str(folder), recursive=True)
+    state_dict, info = load_checkpoint(folder, digest=False)
+    assert info.sha256 is None and info.format == "safetensors"
+    expected = load_file(str(checkpoint / "model.safetensors"))
+    assert all(torch.equal(state_dict[name], expected[name]) for name in expected)
+    save_file({name: torch.zeros_like(tensor) for name, tensor in expected.items()}, str(folder / "model.safetensors"))
+    assert all(torch.equal(state_dict[name], expected[name]) for name in expected)
+    name = next(iter(state_dict))
+    state_dict[name].add_(1)  # owned, writable storage
+    assert load_checkpoint(folder)[1].sha256 == _sha256(folder / "model.safetensors")
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(folder, digest=False)
 
 
 def test_missing_things_name_the_uri(tmp_path: Path) -> None:
