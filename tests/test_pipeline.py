@@ -113,3 +113,25 @@ def test_output_records_provenance_and_summary(local_ray: None, checkpoint: str,
 
     norms = [np.linalg.norm(np.asarray(row, dtype=np.float32)) for row in table["embedding"].to_pylist() if row]
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
+
+
+def test_ray_data_services_are_started_early_as_ray_data_names_them(local_ray: None) -> None:
+    """pipeline.dataservices asks for the very actors Ray Data's executor looks up (same names and namespaces)."""
+    import ray
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    from pipeline.dataservices import SERVICE_FACTORIES, start_data_services
+
+    assert start_data_services() == [function for _, function in SERVICE_FACTORIES]
+    for name, namespace in (("ActorLocationTracker", "ActorLocationTracker"), (STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE),
+                            ("AutoscalingCoordinator", "AutoscalingCoordinator")):
+        assert ray.get_actor(name, namespace=namespace) is not None
+    assert start_data_services() == [function for _, function in SERVICE_FACTORIES]  # again: found, not duplicated
+
+
+def test_a_missing_or_failing_ray_data_service_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import dataservices
+
+    monkeypatch.setattr(dataservices, "SERVICE_FACTORIES", (("no.such.module", "factory"), ("json", "no_such_function"),
+                                                             ("json", "loads")))
+    assert dataservices.start_data_services() == []  # json.loads() without arguments raises TypeError: skipped too
