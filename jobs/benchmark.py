@@ -17,7 +17,7 @@ The run is a list of stages (:data:`benchmarks.stages.STAGES`: one module each u
 the registry; ``--stages`` picks some, their prerequisites are added). In this order:
 
 0. **Machine** (:mod:`benchmarks.machine`): the CPU's capabilities as :mod:`pipeline.cpu` detects them, the dtype
-   ``auto`` picks on it, and the CPU-node sizing (actor threads, decode reservation) the job will use.
+   ``auto`` picks on it, and the CPU-node sizing by cores (the job's pool, which also weighs memory, is stage 1's).
 
 1. **Model only**: an :class:`~pipeline.infer.InferenceActor` is built in this process from the same checkpoint URI
    the job uses (its construction time is the actor start-up), then :func:`pipeline.infer.predict` -- uint8 batch
