@@ -864,3 +864,22 @@ def test_the_plan_tables_members_share_the_listings_buffer() -> None:
     # Members from different arrays (or tuples) are concatenated instead.
     mixed = planstore.plan_table([*shards[:1], Shard(shard_id="images-x", format="images", uri="", members=("z.jpg",))])
     assert mixed.column("members").to_pylist()[1] == ["z.jpg"]
+
+
+def test_a_permuted_list_is_sorted_with_32_bit_indices_and_freed_memory_handed_back() -> None:
+    """listing._sorted on a permuted array (and on chunks) gives Python's order; the C heap's trim is found on glibc,
+    so the pages that reading a list leaves behind really go back to the system."""
+    import platform
+
+    from pipeline.sources import listing
+
+    values = [f"s3://bucket/photos/{number % 997:05d}/{number:09d}.jpg" for number in range(20_000)]
+    random.Random(7).shuffle(values)
+    assert listing._sorted(pa.array(values)).to_pylist() == sorted(values)
+    chunked = pa.chunked_array([pa.array(values[:7_000]), pa.array(values[7_000:])])
+    assert listing._sorted(chunked).to_pylist() == sorted(values)
+    in_order = pa.array(sorted(values))
+    assert listing._sorted(in_order) is in_order  # already sorted: no copy
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert listing._malloc_trim() is not None
+    listing._release_free_memory()

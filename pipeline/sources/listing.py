@@ -13,6 +13,9 @@ Files whose name starts with ``_`` are NOT skipped for that: ``_DSC0001.JPG`` is
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import io
 import logging
 import posixpath
@@ -41,6 +44,31 @@ from pipeline.sources.base import InputError, ShardReadError
 from pipeline.sources.ranged import RangeReader, retrying
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_memory() -> None:
+    """Hand the pages that freed buffers left behind back to the system: Arrow's pool, and the C heap.
+
+    Why: reading a list file streams it through Python bytes and Arrow blocks of 8-16 MB; once freed, glibc keeps
+    such buffers in its heap (its mmap threshold rises to their size), where they fragment and count in the RSS.
+    Measured on a 10,000,000-URI list: the parse peaked at 1,007 MiB, of which ~420 MiB were the URIs themselves;
+    releasing after each block it peaked at 644 MiB, and the sort of a permuted list that follows peaked at 1,015 MiB
+    instead of 1,258.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
 
 LIST_FILE_EXTENSIONS = (".txt", ".lst")
 GLOB_MAGIC = re.compile(r"[*?\[]")
@@ -249,13 +277,16 @@ def _sorted(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     """
     if isinstance(uris, pa.ChunkedArray):
         uris = uris.combine_chunks()
-        pa.default_memory_pool().release_unused()
+    _release_free_memory()
     if len(uris) < 2 or not pc.any(pc.less(uris.slice(1), uris.slice(0, len(uris) - 1))).as_py():
         return uris
     order = pc.sort_indices(uris)
+    if len(uris) <= np.iinfo(np.uint32).max:  # half the index memory while both copies of the strings are held
+        order = order.cast(pa.uint32())
+        _release_free_memory()  # the 64-bit indices' pages, before the copy
     uris = pc.take(uris, order)
     del order
-    pa.default_memory_pool().release_unused()
+    _release_free_memory()
     return uris
 
 
@@ -303,6 +334,7 @@ def _concatenate_lines(pieces: Iterable[pa.Array], size_hint: int) -> pa.Array:
     offsets[0] = 0
     used = count = 0
     for piece in pieces:
+        _release_free_memory()  # what the previous block's reading left (see the function)
         if not len(piece):
             continue
         piece_offsets = np.frombuffer(piece.buffers()[1], dtype=np.int32, count=len(piece) + 1, offset=piece.offset * 4)
@@ -319,6 +351,7 @@ def _concatenate_lines(pieces: Iterable[pa.Array], size_hint: int) -> pa.Array:
         target += np.int32(used)
         used += last - first
         count += len(piece)
+    _release_free_memory()
     return pa.Array.from_buffers(pa.string(), count, [None, pa.py_buffer(offsets[: count + 1]), pa.py_buffer(data)])
 
 
