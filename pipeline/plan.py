@@ -223,18 +223,11 @@ def run_job(config: JobConfig) -> JobSummary:
 
 
 def _connect_ray() -> Any:
-    """Ray, started or joined (a failure is a ClusterStartError, exit code 4); on this driver's first connection,
-    Ray Data's service actors are started without waiting for them (:mod:`pipeline.dataservices`)."""
+    """Ray, started or joined (a failure is a ClusterStartError, exit code 4), with Ray Data's service actors asked
+    for without waiting (:mod:`pipeline.dataservices`; after the first time, three name lookups)."""
     ray = connect_ray()
-    job_id = ray.get_runtime_context().get_job_id()
-    if job_id not in _DATA_SERVICES_STARTED:
-        _DATA_SERVICES_STARTED.add(job_id)
-        logger.debug("Ray Data services requested early: %s", ", ".join(start_data_services()) or "none")
+    logger.debug("Ray Data services requested early: %s", ", ".join(start_data_services()) or "none")
     return ray
-
-
-# The Ray jobs (driver connections) for which pipeline.dataservices has been asked already.
-_DATA_SERVICES_STARTED: set[str] = set()
 
 
 def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int], int]) -> ComputePlan:

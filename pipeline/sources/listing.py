@@ -351,7 +351,6 @@ def _concatenate_lines(pieces: Iterable[pa.Array], size_hint: int) -> pa.Array:
         target += np.int32(used)
         used += last - first
         count += len(piece)
-    _release_free_memory()
     return pa.Array.from_buffers(pa.string(), count, [None, pa.py_buffer(offsets[: count + 1]), pa.py_buffer(data)])
 
 
