@@ -140,7 +140,7 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     assert len(committed_shards(str(output))) == 2 and Path(f"{output}.job", "SUCCESS").exists()
 
 
-def test_an_in_process_ray_keeps_idle_workers_and_a_joined_cluster_keeps_its_own_config(
+def test_an_in_process_ray_has_no_dashboard_and_keeps_idle_workers_and_a_joined_cluster_keeps_its_own_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import ray
@@ -158,9 +158,10 @@ def test_an_in_process_ray_keeps_idle_workers_and_a_joined_cluster_keeps_its_own
     monkeypatch.setattr(ray, "init", fake_init)
     joining = False
     preflight.connect_ray()
-    assert calls == [{"_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}]
+    started = {"include_dashboard": False, "_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}
+    assert calls == [started]
     assert preflight.LOCAL_RAY_SYSTEM_CONFIG["idle_worker_killing_time_threshold_ms"] >= 30_000
     calls.clear()
     joining = True
     preflight.connect_ray()
-    assert calls == [{"_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}, {}]  # joined with the cluster's config
+    assert calls == [started, {}]  # joined with the cluster's own config and dashboard
