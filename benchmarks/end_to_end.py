@@ -66,8 +66,9 @@ def write_mixed_shards(
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: float) -> Iterator[None]:
-    """A new Ray started in-process with ``num_cpus`` CPUs; its workers import this checkout.
+def local_ray(num_cpus: float) -> Iterator[float]:
+    """A new Ray started in-process with ``num_cpus`` CPUs; its workers import this checkout. Yields the seconds
+    ``ray.init()`` took: a job that starts its own Ray (no ``RAY_ADDRESS``) pays them before its own start-up.
 
     ``address="local"``: never join a cluster that happens to run on the machine (``ray start``, or another job's
     session recorded in ``/tmp/ray``): its CPUs, other work and code version would all be someone else's.
@@ -79,14 +80,16 @@ def local_ray(num_cpus: float) -> Iterator[None]:
     try:
         from pipeline.preflight import LOCAL_RAY_SYSTEM_CONFIG
 
+        started = time.perf_counter()
         ray.init(
             address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False, logging_level=logging.WARNING,
             log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,  # as the job's own in-process Ray
         )
+        init_seconds = time.perf_counter() - started
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines would split the table
-        yield
+        yield init_seconds
     finally:
         ray.shutdown()
         if saved is None:
@@ -119,7 +122,7 @@ def run_end_to_end(settings: BenchmarkSettings, model_uri: str, input_uri: str, 
         decode_cpus=min(1.0, settings.decode_cpus) if gpu and settings.decode_cpus else settings.decode_cpus,
         overwrite=True,
     )
-    with local_ray(settings.ray_cpus):
+    with local_ray(settings.ray_cpus) as ray_init_s:
         started = time.perf_counter()
         with CpuLoadMonitor() as load:
             summary = run_job(config)
@@ -129,6 +132,7 @@ def run_end_to_end(settings: BenchmarkSettings, model_uri: str, input_uri: str, 
     figures["summary_images_per_s"] = figures["images_per_s"]  # rounded to 3 decimals by the summary
     figures["images_per_s"] = summary.samples / summary.seconds if summary.seconds > 0 else 0.0
     figures["wall_s"] = wall
+    figures["ray_init_s"] = ray_init_s  # not in wall_s: the job joined a Ray started just before
     figures["ray_cpus"] = settings.ray_cpus
     return figures
 

@@ -445,6 +445,11 @@ def format_report(results: Mapping[str, Any]) -> str:
             f"{two_point['images']} images: {two_point['small_seconds']:.1f} s, {two_point['seconds']:.1f} s)",
             f"   marginal efficiency{two_point['marginal_efficiency']:>10.3f}      (steady state / bound)",
         ]
+        if two_point.get("ray_init_s") is not None:
+            lines.append(
+                f"   + ray.init()       {two_point['ray_init_s']:>10.1f} s          (before the fixed part, for a job "
+                "that starts its own Ray: no RAY_ADDRESS)"
+            )
     for line in (_load_line("load: model only", model.get("load")), _load_line("load: end to end", e2e.get("load"))):
         if line:
             lines.append(line)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import pytest
 from PIL import Image
@@ -97,22 +98,35 @@ def test_build_image_set_alternates_orientation_and_encodes_jpeg() -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    from jobs.benchmark import main
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One ``python -m jobs.benchmark --quick`` run as a user starts it (so re-executed with the CPU actors'
+    allocator), without GLIBC_TUNABLES of its own: its JSON and its printed output."""
+    import os
+    import subprocess
+    import sys
 
     path = tmp_path_factory.mktemp("benchmark") / "quick.json"
-    results = main(["--quick", "--device", "cpu", "--json", str(path)])
-    return results, json.loads(path.read_text(encoding="utf-8"))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.benchmark", "--quick", "--device", "cpu", "--json", str(path)],
+        env={key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"},
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(path.read_text(encoding="utf-8")), done.stdout
 
 
 @pytest.mark.slow
-def test_quick_run_json_matches_returned_figures(quick_results: tuple[dict, dict]) -> None:
-    results, written = quick_results
-    assert written == json.loads(json.dumps(results))
+def test_the_command_line_measures_the_model_with_the_actors_allocator(quick_results: tuple[dict, str]) -> None:
+    """``python -m jobs.benchmark`` re-executes itself with the CPU actors' GLIBC_TUNABLES, so that the model-only
+    stage (in this process) runs as the job's actors do, and records them."""
+    from pipeline.cpu import cpu_actor_environment
+
+    results, _ = quick_results
+    assert results["model"]["allocator"] == cpu_actor_environment()["GLIBC_TUNABLES"]
 
 
 @pytest.mark.slow
-def test_quick_run_model_and_decode_arithmetic(quick_results: tuple[dict, dict]) -> None:
+def test_quick_run_model_and_decode_arithmetic(quick_results: tuple[dict, str]) -> None:
     results, _ = quick_results
     settings, model, decode = results["settings"], results["model"], results["decode"]
     # On a CPU the model runs in the dtype auto picks on this machine (float32 unless it has AVX512-BF16 or AMX).
@@ -153,7 +167,7 @@ def test_quick_run_model_and_decode_arithmetic(quick_results: tuple[dict, dict])
 
 
 @pytest.mark.slow
-def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, dict]) -> None:
+def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, str]) -> None:
     results, _ = quick_results
     settings, e2e, bounds = results["settings"], results["end_to_end"], results["bounds"]
     assert e2e["status"] == "succeeded"
@@ -161,7 +175,7 @@ def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, dict]) -> No
     assert e2e["errors"] == 0
     assert e2e["shards"] == math.ceil(settings["images"] / settings["images_per_shard"]) == e2e["shards_committed"]
     assert e2e["phone_images"] == settings["images"] // settings["phone_every"]
-    assert e2e["seconds"] > 0
+    assert e2e["seconds"] > 0 and e2e["ray_init_s"] > 0  # ray.init() is timed apart: the job joined a started Ray
     assert e2e["images_per_s"] == pytest.approx(e2e["samples"] / e2e["seconds"])
     assert e2e["summary_images_per_s"] == pytest.approx(e2e["images_per_s"], abs=1e-3)  # the summary rounds
 
@@ -183,12 +197,17 @@ def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, dict]) -> No
 
 
 @pytest.mark.slow
-def test_quick_run_table_shows_the_figures(quick_results: tuple[dict, dict], capsys: pytest.CaptureFixture) -> None:
-    results, _ = quick_results
+def test_quick_run_table_shows_the_figures(quick_results: tuple[dict, str]) -> None:
+    results, printed = quick_results
     table = benchmarking.format_report(results)
+    assert table in printed  # what the command printed is the table of the figures it wrote
     for heading in ("1. model only", "2. decode + preprocess", "3. end to end", "4. bounds", "pipeline efficiency"):
         assert heading in table
     assert f"{results['bounds']['efficiency']:.3f}" in table
+    # With --two-point: the fit, and the ray.init() a job starting its own Ray pays before the fit's fixed part.
+    fit = benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=74.0, bound_images_per_s=1)
+    table = benchmarking.format_report({**results, "two_point": {**fit.to_dict(), "ray_init_s": 5.5}})
+    assert re.search(r"two-point fit +10\.0 s fixed", table) and re.search(r"\+ ray\.init\(\) +5\.5 s", table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,11 +235,15 @@ def test_stages_flag_parses_and_refuses_unknown_names() -> None:
         parser.parse_args(["--stages", "machine,nope"])
 
 
-def test_machine_stage_alone_reports_this_cpu(capsys: pytest.CaptureFixture) -> None:
+def test_machine_stage_alone_reports_this_cpu(capsys: pytest.CaptureFixture, tmp_path: pytest.TempPathFactory) -> None:
+    from pathlib import Path
+
     from jobs.benchmark import main
     from pipeline import cpu
 
-    results = main(["--stages", "machine", "--device", "cpu", "--quick"])
+    path = Path(str(tmp_path)) / "machine.json"
+    results = main(["--stages", "machine", "--device", "cpu", "--quick", "--json", str(path)])
+    assert json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(results))  # the JSON is what it returns
     assert results["stages"] == ["machine"]
     machine = results["machine"]
     detected = cpu.detect_cpu_capabilities()
@@ -230,27 +253,6 @@ def test_machine_stage_alone_reports_this_cpu(capsys: pytest.CaptureFixture) -> 
     assert results["settings"]["dtype"] == machine["auto_dtype"]  # the model stage would run in the job's dtype
     printed = capsys.readouterr().out
     assert "dtype auto on CPU" in printed and machine["described"] in printed
-
-
-@pytest.mark.slow
-def test_command_line_measures_the_model_with_the_actors_allocator(tmp_path: pytest.TempPathFactory) -> None:
-    """``python -m jobs.benchmark`` re-executes itself with the CPU actors' GLIBC_TUNABLES, so that the model-only
-    stage (in this process) runs as the job's actors do, and records them."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from pipeline.cpu import cpu_actor_environment
-
-    path = Path(str(tmp_path)) / "model.json"
-    subprocess.run(
-        [sys.executable, "-m", "jobs.benchmark", "--quick", "--device", "cpu", "--stages", "model", "--json", str(path)],
-        env={key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"},
-        check=True, capture_output=True, text=True, timeout=600,
-    )
-    model = json.loads(path.read_text(encoding="utf-8"))["model"]
-    assert model["allocator"] == cpu_actor_environment()["GLIBC_TUNABLES"]
 
 
 @pytest.mark.parametrize("users_own", ["", "glibc.malloc.tcache_count=8"])
