@@ -3,7 +3,7 @@
 Measured on the CPU, without a GPU, because both questions are about the host:
 
 1. **Host overhead per image** with the model (and the normaliser, which runs on the device) replaced by a no-op,
-   one torch thread, 384x384 crops at batch 256: everything :class:`pipeline.infer.InferenceActor` does per call
+   one torch thread, 384x384 crops at batch 256: everything :class:`pipeline.infer.BatchInference` does per call
    besides the device's work (picking the decoded rows, staging, the output table). Clean batches, batches with a
    tenth of their rows failed, and padded tail batches (the GPU path's fixed shapes) are timed separately.
 2. **Throughput against a fixed-latency device**: a stand-in model of ``--latency-ms`` per batch (pipeline/standin.py)
@@ -110,7 +110,8 @@ class NoOpModel(torch.nn.Module):
 def build_actor(checkpoint: Path, *, latency_ms: float | None, batch_size: int, pad: bool = False, compile: bool = False,
                 task: str = "classify", device: str = "cpu", dtype: str = "auto") -> Any:
     """An actor as the job builds it; with ``latency_ms`` the stand-in of that latency, without it the real model."""
-    from pipeline.infer import InferenceActor, InferenceSettings
+    from pipeline.actor import InferenceSettings
+    from pipeline.infer import BatchInference
     from pipeline.standin import ENVIRONMENT_VARIABLE
 
     previous = os.environ.get(ENVIRONMENT_VARIABLE)
@@ -119,7 +120,7 @@ def build_actor(checkpoint: Path, *, latency_ms: float | None, batch_size: int, 
     else:
         os.environ[ENVIRONMENT_VARIABLE] = str(latency_ms)
     try:
-        return InferenceActor(InferenceSettings(
+        return BatchInference(InferenceSettings(
             model_uri=str(checkpoint), task=task, top_k=5, device=device, dtype=dtype,
             torch_threads=torch.get_num_threads() if device == "cpu" else None,
             batch_size=batch_size, pad_to_batch=pad, compile=compile,
@@ -232,7 +233,7 @@ def stand_in_throughput(
     checkpoint: Path, *, batch_size: int, latency_ms: float, calls: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Images/s through one actor with a fixed-latency stand-in, against the bound batch_size / latency."""
-    from pipeline.infer import CONCURRENT_CALLS
+    from pipeline.actor import CONCURRENT_CALLS
 
     actor = build_actor(checkpoint, latency_ms=latency_ms, batch_size=batch_size, device=device)
     batches = [make_batch(batch_size, failed_every=0, seed=seed) for seed in range(CONCURRENT_CALLS + 1)]
@@ -252,7 +253,8 @@ def real_model_through_actor(workdir: Path, *, batch_size: int, calls: int, devi
     """The real network on ``device``: images/s of the model alone (pixels already on the device, back to back)
     against images/s through the actor fed host batches, concurrently and serially. The ratio is the device time
     the actor's host work does not hide."""
-    from pipeline.infer import CONCURRENT_CALLS, predict
+    from pipeline.actor import CONCURRENT_CALLS
+    from pipeline.infer import predict
 
     checkpoint = write_config_checkpoint(workdir / "weights-384", IMAGE_SIZE, weights=True)
     actor = build_actor(checkpoint, latency_ms=None, batch_size=batch_size, pad=True, device=device, dtype=dtype)
@@ -280,7 +282,7 @@ def device_parity(workdir: Path, *, batch_size: int, device: str) -> dict[str, A
     """The actor on ``device`` in float32 (padding, failed rows, two concurrent calls) against the same rows run
     through the model on the CPU: the GPU path's staging, copy stream and padding must not change a result."""
     from model import ViTHybridForImageClassification, ViTHybridImageProcessor
-    from pipeline.infer import CONCURRENT_CALLS
+    from pipeline.actor import CONCURRENT_CALLS
 
     checkpoint = write_config_checkpoint(workdir / "weights-384", IMAGE_SIZE, weights=True)
     actor = build_actor(checkpoint, latency_ms=None, batch_size=batch_size, pad=True, device=device, dtype="float32")

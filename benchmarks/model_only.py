@@ -82,10 +82,12 @@ def node_memory_bytes() -> int:
 def job_cpu_sizing(model_uri: str, *, node_cpus: float, dtype: str, batch_size: int) -> Any:
     """:func:`pipeline.cpu.size_cpu_node` as the job computes it for this model on this node (memory included)."""
     from model import ViTHybridConfig, ViTHybridImageProcessor
+    from model.weights import checkpoint_fingerprint
     from pipeline import cpu
     from pipeline.plan import actor_memory_estimate
 
-    estimate = actor_memory_estimate(ViTHybridConfig.from_pretrained(model_uri), ViTHybridImageProcessor.from_pretrained(model_uri))
+    estimate = actor_memory_estimate(ViTHybridConfig.from_pretrained(model_uri), ViTHybridImageProcessor.from_pretrained(model_uri),
+                                     checkpoint_fingerprint(model_uri).parameters)
     return cpu.size_cpu_node(node_cpus, node_memory_bytes=node_memory_bytes(), actor_memory_bytes=estimate(dtype, batch_size))
 
 
@@ -93,9 +95,10 @@ def _pool_member(
     model_uri: str, dtype: str, threads: int, pixels: np.ndarray, warmup: int, iterations: int, barrier: Any, results: Any
 ) -> None:
     """One process of :func:`time_cpu_pool`: build the actor, warm up, wait for the others, then time."""
-    from pipeline.infer import InferenceActor, InferenceSettings
+    from pipeline.actor import InferenceSettings
+    from pipeline.infer import BatchInference
 
-    actor = InferenceActor(InferenceSettings(
+    actor = BatchInference(InferenceSettings(
         model_uri=model_uri, task="classify", top_k=TOP_K, dtype=dtype, device="cpu", torch_threads=threads
     ))
     batch = torch.from_numpy(pixels)
@@ -228,7 +231,8 @@ def fast_exact_agreement(actor: Any, processor: Any, images: Sequence[EncodedIma
 
 
 def run(context: BenchmarkContext) -> dict[str, Any]:
-    from pipeline.infer import InferenceActor, InferenceSettings
+    from pipeline.actor import InferenceSettings
+    from pipeline.infer import BatchInference
 
     settings, shared = context.settings, context.shared
     actor_settings = InferenceSettings(
@@ -241,7 +245,7 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
     )
     threads_before = torch.get_num_threads()
     started = time.perf_counter()
-    actor = InferenceActor(actor_settings)
+    actor = BatchInference(actor_settings)
     synchronize(actor.device)
     actor_startup_s = time.perf_counter() - started
     processor, image_sets = shared["processor"], shared["image_sets"]

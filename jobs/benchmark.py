@@ -19,7 +19,7 @@ the registry; ``--stages`` picks some, their prerequisites are added). In this o
 0. **Machine** (:mod:`benchmarks.machine`): the CPU's capabilities as :mod:`pipeline.cpu` detects them, the dtype
    ``auto`` picks on it, and the CPU-node sizing by cores (the job's pool, which also weighs memory, is stage 1's).
 
-1. **Model only**: an :class:`~pipeline.infer.InferenceActor` is built in this process from the same checkpoint URI
+1. **Model only**: an :class:`~pipeline.infer.BatchInference` is built in this process from the same checkpoint URI
    the job uses (its construction time is the actor start-up), then :func:`pipeline.infer.predict` -- uint8 batch
    already on the device -> normaliser -> model -> softmax/top-k -- is timed after warm-up batches (CUDA events and
    ``torch.cuda.synchronize`` on a GPU). Threads and dtype are the job's: on a CPU, the sizing's torch threads and

@@ -770,8 +770,9 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
 
     from model.processing import ViTHybridImageProcessor
     from pipeline import sources
+    from pipeline.actor import InferenceSettings
     from pipeline.config import JobConfig
-    from pipeline.infer import InferenceActor, InferenceSettings
+    from pipeline.infer import BatchInference
     from pipeline.layout import OutputLayout
     from pipeline.reader import read_and_decode_shards
     from pipeline.shards import ShardTracker
@@ -782,7 +783,7 @@ def run_in_process(settings: CheckSettings, checkpoint: str, shards: str, output
     planned = sources.plan_shards(shards, format="webdataset", storage_options={}, images_per_shard=settings.e2e_images_per_shard)
     processor = ViTHybridImageProcessor.from_pretrained(checkpoint)
     started = time.monotonic()
-    actor = InferenceActor(InferenceSettings(model_uri=checkpoint, task="classify", top_k=TOP_K, dtype=dtype,
+    actor = BatchInference(InferenceSettings(model_uri=checkpoint, task="classify", top_k=TOP_K, dtype=dtype,
                                              device=settings.device, torch_threads=None))
     _synchronize(actor.device)
     actor_startup_s = time.monotonic() - started

@@ -23,6 +23,7 @@ TASKS = ("classify", "embed")
 DEVICES = ("auto", "cuda", "cpu")
 # Compute dtypes by their torch names; the short aliases are accepted on the command line.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element of each compute dtype
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", **{name: name for name in COMPUTE_DTYPES}}
 DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES, "fp32", "bf16", "fp16")
 EMBEDDING_DTYPES = ("float32", "float16")

@@ -39,7 +39,7 @@ import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from model import ViTHybridForImageClassification
 from model.configuration import ViTHybridConfig
 from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
+from pipeline.actor import CONCURRENT_CALLS, InferenceSettings
 from pipeline.config import NO_ERROR, NOT_LAST_ROW, canonical_dtype
 from pipeline.decode import decode_batch
 from pipeline.failpoints import failpoint, record_placement
@@ -61,14 +62,10 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Calls of one actor Ray Data runs at once: one computes while another prepares its batch or builds its rows. Two is
-# enough to hide host work shorter than the compute; each extra call holds one more batch in the actor's memory.
-CONCURRENT_CALLS = 2
-
-# Side in pixels of the one image an unpadded (CPU) actor warms up on (see InferenceActor._warm_up).
+# Side in pixels of the one image an unpadded (CPU) actor warms up on (see BatchInference._warm_up).
 CPU_WARM_UP_SIDE = 64
 
-# Longest wait for the GIL when a call hands the device to the next one (see InferenceActor.__init__).
+# Longest wait for the GIL when a call hands the device to the next one (see BatchInference.__init__).
 SWITCH_INTERVAL_S = 0.0005
 
 # Test seam: actors asked for "cuda" compute on the CPU, keeping the GPU path's dtype and padding. Lets tests run the
@@ -93,21 +90,6 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[canonical_dtype(requested)]
-
-
-def actor_pool_arguments(use_gpu: bool = True) -> dict[str, Any]:
-    """The ``ActorPoolStrategy`` keywords for the inference pool.
-
-    GPU actors take :data:`CONCURRENT_CALLS` calls at once, so that host work overlaps compute (module docstring).
-    CPU actors take one batch at a time and are sent no other: their batches reach the model without a copy, so
-    there is no host work to hide, and on a CPU node of several single-threaded actors a batch queued behind a
-    running one (Ray Data queues up to twice the concurrency by default) idles while another actor, still starting
-    or just finished, waits for work. Measured on a 2-core node with two one-thread actors: with two calls per actor
-    one actor took both batches of a 32-image job and the node ran at 1.25 of its 2 cores.
-    """
-    if not use_gpu:
-        return {"max_concurrent_calls_per_actor": 1, "max_tasks_in_flight_per_actor": 1}
-    return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 
 @dataclass(frozen=True)
@@ -148,34 +130,6 @@ def predict(
         ids.to(torch.int32).cpu().numpy(),
         scores.cpu().numpy(),
     )
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """Everything an actor needs to build its model; small and picklable, sent once per actor."""
-
-    model_uri: str
-    task: str  # "classify" or "embed"
-    top_k: int = 5
-    dtype: str = "auto"
-    device: str = "auto"
-    embedding_dtype: str = "float32"
-    normalize_embeddings: bool = False
-    torch_threads: int | None = None
-    channels_last: bool = True
-    batch_size: int | None = None  # rows per model call when pad_to_batch; larger batches are run in pieces
-    pad_to_batch: bool = False  # fixed shapes: pad every model call to batch_size rows
-    compile: bool = False  # torch.compile the model (shapes fixed by padding, so it compiles once)
-    decode_in_actor: bool = False  # batches carry file bytes ("data"); decode them here, in decode_threads threads
-    decode_threads: int = 1
-    fast_decode: bool = True
-    exif_orientation: bool = True
-    max_image_pixels: int = 89_478_485
-    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
-
-    def __post_init__(self) -> None:
-        if self.pad_to_batch and not self.batch_size:
-            raise ValueError("pad_to_batch needs batch_size: the number of rows every model call is padded to")
 
 
 @dataclass
@@ -235,7 +189,7 @@ class _StagingBuffers:
                 del self._free[CONCURRENT_CALLS:]
 
 
-class InferenceActor:
+class BatchInference:
     """Ray Data callable class: loads the model once, then maps decoded batches to output rows.
 
     Input batches (numpy format) carry ``pixels`` (N, H, W, 3) uint8 and ``error`` (``""`` or None for good rows),

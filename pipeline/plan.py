@@ -44,6 +44,7 @@ import pyarrow as pa
 from model.numerics import numerics_policy
 from model.processing import ViTHybridImageProcessor
 from pipeline import cpu, planstore, sources
+from pipeline.actor import InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.compute import (
     ComputeError,
     ComputePlan,
@@ -53,9 +54,8 @@ from pipeline.compute import (
     request_gpus,
     uses_gpu,
 )
-from pipeline.config import JobConfig
+from pipeline.config import DTYPE_BYTES, JobConfig
 from pipeline.dataservices import start_data_services
-from pipeline.infer import InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.preflight import connect_ray, plan_input, run_preflight
@@ -168,7 +168,7 @@ def run_job(config: JobConfig) -> JobSummary:
 
     compute: ComputePlan | None = None
     compute_dtype = _dtype_without_cluster(config)
-    actor_memory = actor_memory_estimate(model_config, processor)
+    actor_memory = actor_memory_estimate(model_config, processor, checkpoint.parameters)
     if compute_dtype is None:  # "auto": bfloat16 on GPUs; on CPU nodes what their CPU computes natively
         compute = _compute_plan(config, _connect_ray(), actor_memory)
         compute_dtype = compute.dtype
@@ -241,25 +241,32 @@ def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int]
         raise JobError(str(error)) from None
 
 
-def actor_memory_estimate(model_config: Any, processor: ViTHybridImageProcessor) -> Callable[[str, int], int]:
+def actor_memory_estimate(
+    model_config: Any, processor: ViTHybridImageProcessor, parameters: int | None = None
+) -> Callable[[str, int], int]:
     """``(dtype, batch_size) -> bytes`` one CPU inference actor of this model needs (:func:`pipeline.cpu.actor_memory_bytes`).
 
-    The parameters are counted on torch's meta device (the model's shapes without allocating, ~0.04 s for full size)
-    when the estimate is first asked for: only CPU-only pools ask, so GPU jobs and finished resumes never pay it.
+    ``parameters`` is the weights' element count from the checkpoint's safetensors headers
+    (:attr:`model.weights.CheckpointFingerprint.parameters`, read by the preflight), so the driver needs no torch.
+    Without it (a pickled checkpoint, which the preflight loaded with torch anyway) the parameters are counted on
+    torch's meta device (the model's shapes without allocating, ~0.04 s for full size) when the estimate is first
+    asked for: only CPU-only pools ask, so GPU jobs and finished resumes never pay it.
     """
-    import torch
-
-    from model import ViTHybridForImageClassification
 
     @functools.cache
-    def parameters() -> int:
+    def count() -> int:
+        if parameters is not None:
+            return parameters
+        import torch
+
+        from model import ViTHybridForImageClassification
+
         with torch.device("meta"):
             return sum(parameter.numel() for parameter in ViTHybridForImageClassification(model_config).parameters())
 
     image_size = max(processor.output_size)
     return lambda dtype, batch_size: cpu.actor_memory_bytes(
-        parameters(), batch_size=batch_size, image_size=image_size,
-        element_bytes=torch.finfo(getattr(torch, dtype)).bits // 8,
+        count(), batch_size=batch_size, image_size=image_size, element_bytes=DTYPE_BYTES[dtype]
     )
 
 

@@ -245,17 +245,22 @@ def test_actor_allocator_reuses_freed_blocks_instead_of_faulting_them_in_again()
     assert cpu_actor_environment()["GLIBC_TUNABLES"].startswith("glibc.malloc.arena_max=1:")
 
 
-def test_the_jobs_actor_memory_estimate_counts_the_models_parameters() -> None:
+def test_the_jobs_actor_memory_estimate_counts_the_models_parameters(tmp_path) -> None:
     import torch
 
     from model import ViTHybridConfig, ViTHybridForImageClassification, ViTHybridImageProcessor
+    from model.weights import checkpoint_fingerprint
     from pipeline.plan import actor_memory_estimate
-    from tests.reference import small_config_dict
+    from tests.reference import small_config_dict, write_reference_checkpoint
 
     config = ViTHybridConfig(**small_config_dict())
     processor = ViTHybridImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     parameters = sum(parameter.numel() for parameter in ViTHybridForImageClassification(config).parameters())
-    estimate = actor_memory_estimate(config, processor)
-    assert estimate("float32", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64)
-    assert estimate("bfloat16", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64, element_bytes=2)
+    # The driver's count: the shapes in the checkpoint's safetensors header, read by the preflight without torch.
+    fingerprint = checkpoint_fingerprint(write_reference_checkpoint(tmp_path / "model", small_config_dict()))
+    assert fingerprint.parameters == parameters
+    for counted in (fingerprint.parameters, None):  # None: a pickled checkpoint, counted on torch's meta device
+        estimate = actor_memory_estimate(config, processor, counted)
+        assert estimate("float32", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64)
+        assert estimate("bfloat16", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64, element_bytes=2)
     assert torch.get_default_device().type == "cpu"  # the meta-device count leaves torch's default alone

@@ -14,14 +14,12 @@ import torch
 from model import ViTHybridForImageClassification
 from model.modeling import ImageClassifierOutput
 from model.processing import ViTHybridImageProcessor
+from pipeline.actor import CONCURRENT_CALLS, InferenceActor, InferenceSettings, actor_pool_arguments
 from pipeline.config import NO_ERROR, NOT_LAST_ROW
 from pipeline.infer import (
-    CONCURRENT_CALLS,
     CPU_WARM_UP_SIDE,
     GPU_ON_CPU_VARIABLE,
-    InferenceActor,
-    InferenceSettings,
-    actor_pool_arguments,
+    BatchInference,
     predict,
     resolve_device,
     resolve_dtype,
@@ -60,11 +58,11 @@ def make_batch(count: int, *, bad: tuple[int, ...] = (), seed: int = 0, prefix: 
     }
 
 
-def real_actor(checkpoint: Path, **overrides: object) -> InferenceActor:
+def real_actor(checkpoint: Path, **overrides: object) -> BatchInference:
     settings: dict[str, object] = {"model_uri": str(checkpoint), "task": "classify", "top_k": 3, "device": "cpu",
                                    "torch_threads": 1}
     settings.update(overrides)
-    return InferenceActor(InferenceSettings(**settings))  # type: ignore[arg-type]
+    return BatchInference(InferenceSettings(**settings))  # type: ignore[arg-type]
 
 
 class RecordingModel(torch.nn.Module):
@@ -90,7 +88,7 @@ class RecordingModel(torch.nn.Module):
 
 def actor_with(
     checkpoint: Path, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, **overrides: object
-) -> InferenceActor:
+) -> BatchInference:
     """A real actor (built from the stand-in, which loads no weights) whose model is replaced by ``model``."""
     monkeypatch.setenv(STAND_IN_VARIABLE, "0")
     actor = real_actor(checkpoint, **overrides)
@@ -155,6 +153,14 @@ def test_embeddings_and_topk_equal_the_model_used_directly(checkpoint: Path) -> 
     assert table.column("label").to_pylist() == [model.config.id2label[int(i)] for i in ids[:, 0]]
     assert table.column("error").null_count == 5
     assert table.column("shard_rows").to_pylist() == [None] * 4 + [5]
+
+
+def test_the_actor_ray_data_runs_builds_the_model_in_its_process_and_hands_it_every_batch(checkpoint: Path) -> None:
+    settings = InferenceSettings(model_uri=str(checkpoint), task="classify", top_k=3, device="cpu", torch_threads=1)
+    actor = InferenceActor(settings)
+    assert isinstance(actor.inference, BatchInference) and actor.inference.settings is settings
+    batch = make_batch(4, bad=(1,), seed=2)
+    assert actor(batch).equals(real_actor(checkpoint)(batch))
 
 
 def test_embed_task_has_no_topk(checkpoint: Path) -> None:

@@ -36,10 +36,11 @@ def test_outputs_are_full_width_depend_on_pixels_and_take_the_latency() -> None:
 
 
 def test_actor_uses_the_stand_in_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from pipeline.infer import InferenceActor, InferenceSettings
+    from pipeline.actor import InferenceSettings
+    from pipeline.infer import BatchInference
     from tests.reference import small_config_dict, write_reference_checkpoint
 
     folder = write_reference_checkpoint(tmp_path / "model", small_config_dict())
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
-    actor = InferenceActor(InferenceSettings(model_uri=str(folder), task="classify"))
+    actor = BatchInference(InferenceSettings(model_uri=str(folder), task="classify"))
     assert isinstance(actor.model, StandInModel)
