@@ -5,13 +5,15 @@ Why this module exists: CPUs differ more than GPUs do for this model. Where the 
 AVX-512 parts without the BF16 extension), oneDNN emulates bf16 and it runs up to ~5x *slower*. So ``--dtype auto``
 cannot be decided from "is there a GPU" alone, nor on the driver (which may be a different machine): it is decided
 from the capabilities of a node that computes (:func:`probe_cpu_node` runs :func:`decide_on_this_node` there as a
-small Ray task) and then frozen in the job's fingerprint, so a resume on other hardware is refused instead of mixing
-bf16 and fp32 rows (see :mod:`pipeline.manifest`).
+small Ray task; :func:`decide_cpu_dtype` runs it in the driver when the driver's node is the only one) and then frozen
+in the job's fingerprint, so a resume on other hardware is refused instead of mixing bf16 and fp32 rows
+(see :mod:`pipeline.manifest`).
 
 The second decision is how a CPU-only node's cores are split between the inference actor and the decode tasks
 (:func:`size_cpu_node`): from the measured cost of each stage, not one thread per actor.
 
-Everything here except :func:`probe_cpu_node` and :func:`measure_bf16_speedup` is pure and tested without Ray.
+Everything here except :func:`decide_cpu_dtype`, :func:`probe_cpu_node` and :func:`measure_bf16_speedup` is pure and
+tested without Ray.
 """
 
 from __future__ import annotations
@@ -252,6 +254,36 @@ def decide_on_this_node(confirm: bool = True) -> dict[str, Any]:
     return choose_cpu_dtype(capabilities, measured).to_dict()
 
 
+def decide_cpu_dtype(ray: Any) -> CpuDtypeDecision:
+    """The dtype ``auto`` of the CPU nodes that compute: :func:`probe_cpu_node`, or the same answer without a task.
+
+    When the driver's node is the only alive node with CPUs (a Ray the job started in-process, or a one-node
+    cluster), the probe task could only run on this very node, and where the kernel's flags rule native bf16 out
+    (AVX2-only CPUs) :func:`decide_on_this_node` needs neither torch nor a measurement: the driver decides itself,
+    instead of waiting for a worker process to start for the task (1.4 s of a local job's start-up on a 2-core node,
+    3.6 s while Ray Data's service actors were taking the first workers). Where the flags claim native bf16, the
+    measurement that confirms it imports torch, which the driver does not: the probe task runs it as before.
+    """
+    if _only_cpu_node_is_this_one(ray):
+        local = capabilities_from_proc_cpuinfo()
+        if local is not None and not local.native_bf16:
+            decision = CpuDtypeDecision.from_dict(decide_on_this_node(confirm=False))
+            _log_decision(decision, where="the driver's node, the only one with CPUs")
+            return decision
+    return probe_cpu_node(ray)
+
+
+def _only_cpu_node_is_this_one(ray: Any) -> bool:
+    """Whether the only alive node with CPUs is the one this process runs on."""
+    with_cpus = [node for node in ray.nodes() if node.get("Alive", True) and node.get("Resources", {}).get("CPU", 0) > 0]
+    return len(with_cpus) == 1 and with_cpus[0].get("NodeID") == ray.get_runtime_context().get_node_id()
+
+
+def _log_decision(decision: CpuDtypeDecision, *, where: str) -> None:
+    logger.info("CPU node (%s): %s -> dtype auto = %s (%s)", where, decision.capabilities.describe(), decision.dtype,
+                decision.reason)
+
+
 def probe_cpu_node(ray: Any, timeout_s: float = 300.0) -> CpuDtypeDecision:
     """Run :func:`decide_on_this_node` as a one-CPU Ray task, i.e. on a node that computes, not on the driver.
 
@@ -262,9 +294,7 @@ def probe_cpu_node(ray: Any, timeout_s: float = 300.0) -> CpuDtypeDecision:
     """
     task = ray.remote(num_cpus=1, max_retries=2)(decide_on_this_node)
     decision = CpuDtypeDecision.from_dict(ray.get(task.remote(), timeout=timeout_s))
-    logger.info(
-        "CPU node: %s -> dtype auto = %s (%s)", decision.capabilities.describe(), decision.dtype, decision.reason
-    )
+    _log_decision(decision, where="probed by a task")
     return decision
 
 
@@ -467,6 +497,7 @@ __all__ = [
     "detect_cpu_capabilities",
     "measure_bf16_speedup",
     "parse_cpuinfo",
+    "decide_cpu_dtype",
     "probe_cpu_node",
     "size_cpu_node",
     "smallest_cpu_node",

@@ -55,10 +55,10 @@ from pipeline.compute import (
     uses_gpu,
 )
 from pipeline.config import DTYPE_BYTES, JobConfig
-from pipeline.dataservices import start_data_services
+from pipeline.dataservices import request_data_services
 from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState
-from pipeline.preflight import connect_ray, plan_input, run_preflight
+from pipeline.preflight import connect_ray, plan_input, ray_started_here, run_preflight
 from pipeline.reader import read_and_decode_shards
 from pipeline.redaction import sanitize_arguments, sanitize_uri
 from pipeline.shards import CompleteShard, ShardTracker
@@ -204,7 +204,8 @@ def run_job(config: JobConfig) -> JobSummary:
     if pending.num_rows:
         if compute is None:
             compute = _compute_plan(config, _connect_ray(), actor_memory)
-        check_cluster(_connect_ray())  # refuse nodes whose Ray/torch/pyarrow differ from the driver's (exit code 4)
+        # Refuse nodes whose Ray/torch/pyarrow differ from the driver's (exit code 4).
+        check_cluster(_connect_ray(), started_here=ray_started_here())
         dataset = _build_dataset(config, pending, processor, state.layout, compute)
         finalizer = RayFinalizer(config, state.layout, state.parquet_metadata, schema)
         try:
@@ -224,9 +225,9 @@ def run_job(config: JobConfig) -> JobSummary:
 
 def _connect_ray() -> Any:
     """Ray, started or joined (a failure is a ClusterStartError, exit code 4), with Ray Data's service actors asked
-    for without waiting (:mod:`pipeline.dataservices`; after the first time, three name lookups)."""
+    for in a background thread (:mod:`pipeline.dataservices`; after the first time, three name lookups)."""
     ray = connect_ray()
-    logger.debug("Ray Data services requested early: %s", ", ".join(start_data_services()) or "none")
+    request_data_services()
     return ray
 
 
@@ -234,7 +235,7 @@ def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int]
     """Device, dtype and pool for the cluster the job will have (GPUs it can scale to count): pipeline/compute.py."""
     view = observe_cluster(ray)
     if config.dtype == "auto" and not uses_gpu(config, view):
-        view = dataclasses.replace(view, cpu_dtype=cpu.probe_cpu_node(ray).dtype)  # decided on a computing node
+        view = dataclasses.replace(view, cpu_dtype=cpu.decide_cpu_dtype(ray).dtype)  # as on a computing node
     try:
         return decide_compute(config, view, actor_memory)
     except ComputeError as error:

@@ -134,6 +134,22 @@ LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_m
 LOCAL_RAY_INCLUDE_DASHBOARD = False
 
 
+def ray_started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init()`` with no cluster to join) rather than
+    joined one: that Ray is one node, this machine, whose workers run this interpreter with this process's packages.
+
+    Read from Ray's private ``_global_node`` (the head node object ``ray.init()`` keeps when it started one); a Ray
+    that renames it reads as "joined", which only costs the checks a joined cluster gets.
+    """
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return node is not None and bool(node.is_head())
+    except Exception:  # noqa: BLE001 - a private API: "joined" is the safe answer
+        return False
+
+
 def connect_ray() -> Any:
     """``ray.init()`` unless Ray is already initialised: joins ``RAY_ADDRESS`` (``ray job submit``) or starts Ray in
     process. Any failure becomes a :class:`ClusterStartError` with the cause and what to check."""

@@ -148,19 +148,29 @@ def _node_label(node: Mapping[str, Any]) -> str:
     return f"the Ray node {node.get('NodeManagerAddress', '?')} (node id {str(node.get('NodeID', '?'))[:12]})"
 
 
-def check_cluster(ray: Any, driver: Mapping[str, str] | None = None, timeout_s: float = 120.0) -> None:
+def check_cluster(
+    ray: Any, driver: Mapping[str, str] | None = None, timeout_s: float = 120.0, *, started_here: bool = False
+) -> None:
     """Compare the driver's versions with those of every alive node of the connected cluster; raise on a mismatch.
 
     One zero-CPU task per node reports that node's versions (it runs even on a head with ``CPU: 0``). The driver's
     versions are also stored in Ray's key-value store under this job's id, for :func:`check_this_worker`. A node
     that does not answer within ``timeout_s`` (busy starting workers) is logged and skipped: its actors still check
     themselves. ``driver`` defaults to this process's versions.
+
+    ``started_here``: this process started the Ray it runs on (:func:`pipeline.preflight.ray_started_here`). Its one
+    node's workers run this interpreter with this process's packages, so their versions are the driver's by
+    construction: the versions are published but no task is sent (the task waited 1.4 s for a worker process on a
+    fresh 2-core node, on the job's start-up path).
     """
     from ray.experimental import internal_kv
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     driver = dict(driver or local_versions())
     internal_kv._internal_kv_put(_KV_KEY, json.dumps(driver).encode(), overwrite=True, namespace=_namespace(ray))
+    if started_here:
+        logger.info("versions: the Ray this process started runs its workers with this interpreter: %s", driver)
+        return
     report = ray.remote(num_cpus=0, max_retries=1)(_report_versions)
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     pending = {

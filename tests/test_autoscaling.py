@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.compute import AUTOSCALING_CONFIG_VARIABLE
 from pipeline.config import JobConfig
+from pipeline.preflight import ray_started_here
 
 # ------------------------------------------------------------------------------------ an autoscaling cluster
 
@@ -155,6 +156,7 @@ def test_job_on_a_cluster_with_no_gpu_worker_running_grows_to_the_gpu_maximum(
 
     ray.init(address=autoscaling_cluster[0])
     assert ray.cluster_resources().get("GPU", 0) == 0  # no GPU worker runs when the job starts
+    assert not ray_started_here()  # joined: every node's versions are checked by a task
     try:
         summary = run_job(config)
     except Exception as error:  # noqa: BLE001 - only the known failure below is tolerated, once

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -190,6 +192,57 @@ def test_threads_never_exceed_physical_cores_and_bad_inputs_are_refused() -> Non
         cpu.size_cpu_node(0.5)
     with pytest.raises(ValueError, match="positive"):
         cpu.size_cpu_node(4, decode_core_s=0)
+
+
+def _flags(flags: set[str], name: str) -> CpuCapabilities:
+    return cpu.capabilities_from_flags(flags, name=name, logical_cpus=2, physical_cores=1, isa="AVX2", source="test")
+
+
+class _FakeRay:
+    """What :func:`pipeline.cpu.decide_cpu_dtype` asks of Ray: the nodes, this process's node, and remote tasks."""
+
+    def __init__(self, nodes: list[dict], this_node: str = "driver-node") -> None:
+        self._nodes, self.this_node, self.tasks = nodes, this_node, 0
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+    def get_runtime_context(self) -> Any:
+        return SimpleNamespace(get_node_id=lambda: self.this_node)
+
+    def remote(self, **options: object) -> Any:
+        def wrap(function: Any) -> Any:
+            return SimpleNamespace(remote=lambda: function)
+
+        return wrap
+
+    def get(self, task: Any, timeout: float) -> dict:
+        self.tasks += 1
+        # What a probe on a worker with native bf16 brings back.
+        return CpuDtypeDecision("bfloat16", "probed", _flags({"avx512_bf16", "avx512f"}, "worker")).to_dict()
+
+
+def test_the_driver_decides_the_dtype_itself_only_on_the_only_cpu_node_and_without_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu, "capabilities_from_proc_cpuinfo", lambda: _flags({"avx2", "fma"}, "driver"))
+    alone = [{"NodeID": "driver-node", "Alive": True, "Resources": {"CPU": 2.0}},
+             {"NodeID": "gone", "Alive": False, "Resources": {"CPU": 8.0}},
+             {"NodeID": "zero-cpu", "Alive": True, "Resources": {"CPU": 0.0}}]
+    ray = _FakeRay(alone)
+    assert cpu.decide_cpu_dtype(ray).dtype == "float32" and ray.tasks == 0  # decided here: no task
+
+    # Another node with CPUs could host actors, or the driver's node has none: a task probes a computing node.
+    for nodes in ([*alone, {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 4.0}}],
+                  [{"NodeID": "driver-node", "Alive": True, "Resources": {"CPU": 0.0}},
+                   {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 4.0}}]):
+        ray = _FakeRay(nodes)
+        assert cpu.decide_cpu_dtype(ray).dtype == "bfloat16" and ray.tasks == 1
+
+    # Flags that claim native bf16 need torch's measurement, which the driver never imports: the task runs it.
+    monkeypatch.setattr(cpu, "capabilities_from_proc_cpuinfo", lambda: _flags({"avx512_bf16", "avx512f"}, "driver"))
+    ray = _FakeRay(alone)
+    assert cpu.decide_cpu_dtype(ray).dtype == "bfloat16" and ray.tasks == 1
 
 
 def test_cpu_nodes_from_ray_nodes() -> None:

@@ -156,6 +156,26 @@ def test_an_actor_refuses_versions_the_driver_published(local_ray) -> None:
     versions.check_cluster(local_ray)  # publish the true versions again for the tests after this one
 
 
+@pytest.mark.slow
+def test_a_ray_started_here_publishes_the_versions_without_a_task_per_node(
+    local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its workers run this interpreter: the per-node task is skipped, the versions still published for the actors."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    from pipeline.preflight import ray_started_here
+
+    assert ray_started_here()  # start_local_ray(): ray.init(address="local") started a node here
+    monkeypatch.setattr(local_ray, "remote", lambda *args, **kwargs: pytest.fail("a task was sent"))
+    versions.check_cluster(local_ray, driver=_other_ray(), started_here=True)  # no task: nothing to refuse
+    published = internal_kv._internal_kv_get(versions._KV_KEY, namespace=versions._namespace(local_ray))
+    assert json.loads(published)["ray"] == "2.0.0"
+    monkeypatch.undo()
+    versions.check_cluster(local_ray)  # publish the true versions again for the tests after this one
+
+
 def _write_shard(path: Path, count: int) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -180,6 +200,8 @@ def test_the_job_refuses_a_mismatched_cluster_with_exit_code_4(
     checkpoint = write_reference_checkpoint(tmp_path / "model", small_config_dict(num_labels=4, image_size=32), seed=1)
     _write_shard(tmp_path / "in" / "a.tar", 3)
     monkeypatch.setattr(versions, "local_versions", _other_ray)  # the driver only: workers import the real one
+    # A mismatch needs a cluster the driver joined (a Ray it started runs its own interpreter): pretend it joined.
+    monkeypatch.setattr("pipeline.plan.ray_started_here", lambda: False)
     code = main("embed", ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                           "--model", str(checkpoint), "--device", "cpu"])
     assert code == EXIT_VERSION_MISMATCH == 4
