@@ -1,8 +1,9 @@
 """The inference stage: load the model once per actor, turn uint8 pixel batches into predictions and embeddings.
 
-The compute (:func:`predict`) is a plain function of tensors so that it is tested without Ray; :class:`InferenceActor`
-is the thin callable class that Ray Data's ``map_batches`` runs in a pool of actors, one per GPU (or per group of CPU
-cores where the cluster has no GPU).
+The compute (:func:`predict`) is a plain function of tensors so that it is tested without Ray; :class:`BatchInference`
+is what each inference actor holds: the model, loaded once, and the per-batch work around it. Ray Data's
+``map_batches`` runs it in a pool of actors, one per GPU (or per group of CPU cores where the cluster has no GPU),
+through :class:`pipeline.actor.InferenceActor`, which the driver names without importing this module (or torch).
 
 Keeping the device busy
     A call has three parts: *prepare* (pick the rows that decoded, stage them in page-locked memory, start the copy
@@ -190,7 +191,7 @@ class _StagingBuffers:
 
 
 class BatchInference:
-    """Ray Data callable class: loads the model once, then maps decoded batches to output rows.
+    """An inference actor's state and work: loads the model once, then maps decoded batches to output rows.
 
     Input batches (numpy format) carry ``pixels`` (N, H, W, 3) uint8 and ``error`` (``""`` or None for good rows),
     plus bookkeeping columns that pass through. Rows that already failed upstream are not run through the model; they
