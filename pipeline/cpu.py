@@ -267,7 +267,7 @@ def decide_cpu_dtype(ray: Any) -> CpuDtypeDecision:
     if _only_cpu_node_is_this_one(ray):
         local = capabilities_from_proc_cpuinfo()
         if local is not None and not local.native_bf16:
-            decision = CpuDtypeDecision.from_dict(decide_on_this_node(confirm=False))
+            decision = choose_cpu_dtype(local, None)  # what decide_on_this_node() concludes from these flags
             _log_decision(decision, where="the driver's node, the only one with CPUs")
             return decision
     return probe_cpu_node(ray)
