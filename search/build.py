@@ -65,43 +65,43 @@ def deserialize(buffer: np.ndarray | bytes) -> faiss.Index:
     faiss.copy_array_to_vector(np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, bytes) else buffer, reader.data)
     index = faiss.read_index(reader, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
     ivf = faiss.try_extract_index_ivf(index)
-    residual_pq: Any = faiss.downcast_index(ivf) if ivf is not None else None
-    if isinstance(residual_pq, faiss.IndexIVFPQ) and residual_pq.by_residual and residual_pq.metric_type == faiss.METRIC_L2:
-        if residual_pq.nlist * residual_pq.pq.M * residual_pq.pq.ksub * 4 <= PRECOMPUTED_TABLE_MAX_BYTES:
-            residual_pq.precompute_table()
-        else:
-            residual_pq.use_precomputed_table = -1
+    if ivf is not None:
+        _lookup_table(faiss.downcast_index(ivf))
     return index
+
+
+def _lookup_table(index: Any) -> None:
+    """(Re)build an L2 residual-PQ index's precomputed table when it fits PRECOMPUTED_TABLE_MAX_BYTES, else turn it off."""
+    ivf: Any = index
+    if isinstance(index, faiss.IndexIVFPQ) and ivf.by_residual and ivf.metric_type == faiss.METRIC_L2:
+        if ivf.nlist * ivf.pq.M * ivf.pq.ksub * 4 <= PRECOMPUTED_TABLE_MAX_BYTES:
+            ivf.precompute_table()
+        else:
+            ivf.precomputed_table.clear()
+            ivf.use_precomputed_table = -1
 
 
 def new_index(spec: IndexSpec) -> faiss.Index:
-    """An empty index of ``spec``. A ``PCA...`` prefix gets balanced bins: FAISS's factory string cannot say so."""
-    index = faiss.index_factory(spec.dim, spec.factory, faiss_metric(spec.metric))
-    if spec.pca_dim:
-        _rotation(index).balanced_bins = spec.pq_m
-    return index
-
-
-def _rotation(index: faiss.Index) -> Any:
-    transformed: Any = faiss.downcast_index(index)
-    return faiss.downcast_VectorTransform(transformed.chain.at(0))
+    """An empty index of ``spec`` from FAISS's factory (rule 4's ``PCA...`` recipe is assembled by its own training)."""
+    return faiss.index_factory(spec.dim, spec.factory, faiss_metric(spec.metric))
 
 
 def train(spec: IndexSpec, sample: np.ndarray, *, seed: int = 1234) -> faiss.Index:
     """An empty index of ``spec``, trained on ``sample`` (already prepared). Flat indexes need no training."""
+    if spec.pca_dim:
+        _check_training_size(spec, sample)
+        with _blas_distances():
+            return train_weighted_residual_pq(spec, sample, seed=seed)
     index = new_index(spec)
     if not index.is_trained:
-        if len(sample) < max(spec.nlist, 1):
-            raise ValueError(f"{len(sample)} training vectors cannot train {spec.nlist} inverted lists")
+        _check_training_size(spec, sample)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.seed = seed
         ivf.cp.max_points_per_centroid = max(1, -(-len(sample) // max(spec.nlist, 1)))
         with _blas_distances():
             refined = faiss.downcast_index(index)
-            if spec.pca_dim:
-                train_balanced_residual_pq(index, sample, seed=seed)
-            elif isinstance(refined, faiss.IndexRefine) and isinstance(faiss.downcast_index(refined.refine_index),
-                                                                     faiss.IndexPQ):
+            if isinstance(refined, faiss.IndexRefine) and isinstance(faiss.downcast_index(refined.refine_index),
+                                                                   faiss.IndexPQ):
                 faiss.downcast_index(refined.base_index).train(sample)
                 train_product_quantizer(faiss.downcast_index(refined.refine_index), sample, seed=seed)
                 refined.is_trained = True
@@ -110,27 +110,148 @@ def train(spec: IndexSpec, sample: np.ndarray, *, seed: int = 1234) -> faiss.Ind
     return index
 
 
-def train_balanced_residual_pq(index: faiss.Index, sample: np.ndarray, *, seed: int) -> None:
-    """Train ``PCA{d},IVF{nlist},PQ{m}x8`` (see search.choice, rule 4): the rotation, the lists, then the codebooks of
-    the residuals from the lists' centroids.
+def _check_training_size(spec: IndexSpec, sample: np.ndarray) -> None:
+    if len(sample) < max(spec.nlist, 1):
+        raise ValueError(f"{len(sample)} training vectors cannot train {spec.nlist} inverted lists")
 
-    The rotation keeps no bias (FAISS's PCA subtracts the mean): a pure projection preserves inner products, so
-    cosine and inner-product scores stay what they are; the mean only moves every score of a query by the same
-    amount in the dropped directions. The codebooks are trained by :func:`train_product_quantizer`, as for
-    refined indexes, on the same residuals FAISS's own ``train`` would use.
+
+def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int) -> faiss.Index:
+    """Train ``PCA{d},IVF{nlist},PQ{m}x8`` (search.choice, rule 4) with codes chosen for the scores they will give.
+
+    1. **Rotation**: the sample's ``pca_dim`` strongest principal directions, as a linear map without bias (FAISS's
+       PCA subtracts the mean; a pure projection keeps inner products, so cosine and inner-product scores stay what
+       they are, and the mean would only move every score of a query by the same amount).
+    2. **Lists**: k-means in the rotated space. What the codes carry is each vector's residual from its list's
+       centroid.
+    3. **Weights**: k-means codebooks minimise the squared coding error ``e`` equally in every direction, but a score
+       does not weigh it equally. An inner-product score is off by ``<q, e>``, whose variance over queries is
+       ``sum_i E[q_i^2] e_i^2``; an L2 distance by ``2<q - x, e> + |e|^2``, where ``q - x`` of neighbours sharing a
+       list is a difference of residuals. So direction ``i`` weighs ``w_i = E[q_i^2]`` (cosine, ip: the sample's
+       second moment, queries being drawn like the vectors) or its residual variance (l2), over its mean. The
+       codebooks are trained, and every vector's code chosen, on residuals scaled by ``sqrt(w_i)``: their squared
+       error is then the score's expected squared error. Measured (recall@10 at 1/8 of raw, clustered 768-d vectors,
+       weights to the power 0 / 0.25 / 0.5 / 0.75 / 1): 0.929 / 0.945 / 0.953 / 0.957 / 0.955 on 200,000 vectors
+       (2,048 lists); 0.901 at power 0, 0.938 at 0.75 and 0.940 at 1 on 1,000,000 (4,096 lists).
+    4. **Bins**: each principal direction in turn, strongest first, goes to the 2-d sub-quantizer whose scaled
+       residual variance is smallest so far (FAISS's ``balanced_bins`` rule, on the scaled variances): every
+       sub-quantizer's 8 bits then cover the same weighted error, a strong direction paired with a weak one.
+
+    Only the codes' choice is weighted: lists are assigned and searched in the plain rotated space, and
+    :func:`merge` divides the scales back out of the codebooks, so the finished index is a plain FAISS
+    ``IndexPreTransform(LinearTransform, IndexIVFPQ)`` whose scores are ordinary inner products or distances. Until
+    then the trained index carries the scales as a second, diagonal transform, so that every :func:`add_part`
+    codes its vectors as the training did (:func:`_add_weighted`).
     """
-    rotation = _rotation(index)
-    rotation.train(sample)
-    faiss.copy_array_to_vector(np.zeros(rotation.d_out, dtype=np.float32), rotation.b)
-    rotation.PCAMat.clear()  # the full dim x dim eigenbasis, needed only to train: 2.4 MB of the budget at 768-d
-    rotated = rotation.apply(sample)
+    dim, kept, pq_m = spec.dim, spec.pca_dim, spec.pq_m
+    metric = faiss_metric(spec.metric)
+    principal = faiss.PCAMatrix(dim, kept, 0, False)
+    principal.train(sample)
+    directions = faiss.vector_to_array(principal.A).reshape(kept, dim)  # strongest first
+    rotated = sample @ directions.T
+
+    rotated = np.ascontiguousarray(rotated, dtype=np.float32)
+    quantizer = faiss.IndexFlat(kept, metric)
+    ivf: Any = faiss.IndexIVFPQ(quantizer, kept, spec.nlist, pq_m, 8, metric)
+    ivf.cp.seed = seed
+    ivf.cp.max_points_per_centroid = max(1, -(-len(sample) // spec.nlist))
+    ivf.train_q1(len(rotated), faiss.swig_ptr(rotated), False, metric)  # FAISS's own k-means of the lists
+    _, lists = quantizer.search(rotated, 1)
+    centroids = quantizer.reconstruct_n(0, spec.nlist)
+    residuals = rotated - centroids[lists[:, 0]]
+
+    residual_variance = np.mean(residuals**2, axis=0)
+    error_moment = np.mean(rotated**2, axis=0) if metric == faiss.METRIC_INNER_PRODUCT else residual_variance
+    weights = error_moment / error_moment.mean()
+    order = balanced_bins(residual_variance * weights, pq_m)
+    scales = np.sqrt(weights[order]).astype(np.float32)
+
+    rotation = faiss.LinearTransform(dim, kept, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(directions[order], dtype=np.float32).ravel(), rotation.A)
+    rotation.is_trained = True
+    rotation.set_is_orthonormal()  # rows of an orthonormal basis: reconstruction reverses it with the transpose
+    scaling = faiss.LinearTransform(kept, kept, False)
+    faiss.copy_array_to_vector(np.diag(scales).astype(np.float32).ravel(), scaling.A)
+    scaling.is_trained = True
+    quantizer.reset()
+    quantizer.add(np.ascontiguousarray(centroids[:, order] * scales, dtype=np.float32))
+    train_product_quantizer(ivf, np.ascontiguousarray(residuals[:, order] * scales, dtype=np.float32), seed=seed)
+    index = faiss.IndexPreTransform(ivf)
+    index.prepend_transform(scaling)
+    index.prepend_transform(rotation)
+    index.is_trained = True
+    return deserialize(serialize(index))  # one object owning its parts, as every later step holds it
+
+
+def balanced_bins(variances: np.ndarray, bins: int) -> np.ndarray:
+    """An order of the directions in which bin ``b`` holds positions ``b * width ... (b + 1) * width - 1``: each
+    direction, largest variance first, goes to the open bin whose total is smallest so far."""
+    width = len(variances) // bins
+    totals = np.zeros(bins)
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for direction in np.argsort(-variances, kind="stable"):
+        open_bins = np.flatnonzero([len(held) < width for held in members])
+        chosen = open_bins[np.argmin(totals[open_bins])]
+        members[chosen].append(int(direction))
+        totals[chosen] += variances[direction]
+    return np.array([direction for held in members for direction in held], dtype=np.int64)
+
+
+def _nearest_centroids(centroids: np.ndarray, vectors: np.ndarray, metric: int) -> np.ndarray:
+    """The list each vector belongs to: the nearest centroid (L2) or the highest inner product (cosine, ip)."""
+    flat = faiss.IndexFlat(centroids.shape[1], metric)
+    flat.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    _, lists = flat.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return lists[:, 0]
+
+
+def _coding_scales(index: faiss.Index) -> np.ndarray | None:
+    """The per-direction scales of a trained rule-4 index not yet finished by :func:`merge`; None for any other."""
+    transformed = faiss.downcast_index(index)
+    chain: Any = getattr(transformed, "chain", None)
+    if not isinstance(transformed, faiss.IndexPreTransform) or chain.size() != 2:
+        return None
+    scaling = faiss.downcast_VectorTransform(chain.at(1))
+    if not isinstance(scaling, faiss.LinearTransform) or scaling.d_in != scaling.d_out:
+        return None
+    return np.diag(faiss.vector_to_array(scaling.A).reshape(scaling.d_out, scaling.d_in)).copy()
+
+
+def _add_weighted(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, scales: np.ndarray) -> None:
+    """Add to a trained rule-4 index: lists assigned in the plain rotated space, codes chosen on scaled residuals."""
+    transformed: Any = faiss.downcast_index(index)
+    rotated = faiss.downcast_VectorTransform(transformed.chain.at(0)).apply(vectors)
+    ivf: Any = faiss.downcast_index(transformed.index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) / scales
+    lists = np.ascontiguousarray(_nearest_centroids(centroids, rotated, ivf.metric_type), dtype=np.int64)
+    scaled = np.ascontiguousarray(rotated * scales, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    ivf.add_core(len(scaled), faiss.swig_ptr(scaled), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    transformed.ntotal = ivf.ntotal
+
+
+def _finish_weighted(index: faiss.Index, scales: np.ndarray) -> faiss.Index:
+    """The same codes scored as plain inner products or distances in the rotated space: the scales divided out of
+    the centroids and codebooks, and an index of the rotation and the lists alone (the scaling is left out).
+
+    The returned index uses ``index``'s rotation and lists without copying them, and holds ``index`` (which owns
+    them) for as long as it lives.
+    """
     transformed: Any = faiss.downcast_index(index)
     ivf: Any = faiss.downcast_index(transformed.index)
-    ivf.train_q1(len(rotated), faiss.swig_ptr(rotated), False, ivf.metric_type)
-    _, lists = ivf.quantizer.search(rotated, 1)
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    train_product_quantizer(ivf, np.ascontiguousarray(rotated - centroids[lists[:, 0]]), seed=seed)
-    index.is_trained = True
+    quantizer: Any = faiss.downcast_index(ivf.quantizer)
+    centroids = quantizer.reconstruct_n(0, ivf.nlist) / scales
+    quantizer.reset()
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    product = ivf.pq
+    codebooks = faiss.vector_to_array(product.centroids).reshape(product.M, product.ksub, product.dsub)
+    codebooks = codebooks / scales.reshape(product.M, 1, product.dsub)
+    faiss.copy_array_to_vector(np.ascontiguousarray(codebooks, dtype=np.float32).ravel(), product.centroids)
+    product.transposed_centroids.clear()  # caches of the scaled codebooks, used only to encode
+    product.centroids_sq_lengths.clear()
+    _lookup_table(ivf)
+    finished: Any = faiss.IndexPreTransform(faiss.downcast_VectorTransform(transformed.chain.at(0)), ivf)
+    finished.referenced_objects.append(index)  # FAISS's own way to keep a part's owner alive
+    return finished
 
 
 def train_product_quantizer(index: Any, sample: np.ndarray, *, seed: int) -> None:
@@ -178,7 +299,10 @@ def add_part(trained: np.ndarray | bytes, vectors: np.ndarray, first_id: int) ->
     index = deserialize(trained)
     if len(vectors):
         ids = np.arange(first_id, first_id + len(vectors), dtype=np.int64)
-        if isinstance(index, faiss.IndexRefine):
+        scales = _coding_scales(index)
+        if scales is not None:
+            _add_weighted(index, vectors, ids, scales)
+        elif isinstance(index, faiss.IndexRefine):
             # Refine takes no ids: the coarse stage (IVF) gets the global ids, the refining codes are stored in
             # insertion order, which is id order once the parts are merged in id order (ids are contiguous).
             stages: Any = index
@@ -197,7 +321,11 @@ def _takes_ids(index: faiss.Index) -> bool:
 
 
 def merge(parts: Iterable[np.ndarray | bytes]) -> faiss.Index:
-    """Merge serialized parts (in id order) into one index; each part is freed once merged."""
+    """Merge serialized parts (in id order) into the finished index; each part is freed once merged.
+
+    A rule-4 index is finished here: the scales its codes were chosen with come out of its codebooks
+    (:func:`train_weighted_residual_pq`), so the result searches as a plain FAISS index and takes no more parts.
+    """
     merged: faiss.Index | None = None
     for part in parts:
         index = deserialize(part)
@@ -214,7 +342,8 @@ def merge(parts: Iterable[np.ndarray | bytes]) -> faiss.Index:
             merged.merge_from(index, 0)  # ids travel with the vectors (IVF) or follow the merge order (flat)
     if merged is None:
         raise ValueError("no parts to merge")
-    return merged
+    scales = _coding_scales(merged)
+    return merged if scales is None else _finish_weighted(merged, scales)
 
 
 def exact_top_k(

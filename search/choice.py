@@ -9,17 +9,19 @@ The rule, from exact to most compressed (each step is taken only when the one be
 3. ``IVF{nlist},SQ8``: the same lists with 1 byte per dimension (4x smaller; the quantisation error of 8-bit
    scalars is far below the distance gaps between neighbours of real embeddings).
 4. ``PCA{2m},IVF{nlist},PQ{m}x8``: product quantisation of each vector's residual from its list's centroid, in 2-d
-   sub-vectors of 8 bits (4 bits a dimension), in a principal-component basis whose directions are dealt to the
-   sub-quantizers to even out their variance (FAISS's ``PCAMatrix.balanced_bins``: each direction in turn to the
-   sub-quantizer with the least so far, which pairs the strongest with the weakest), keeping the ``2m`` strongest
-   directions that the budget pays for. Chosen while ``m`` is at least a quarter of ``dim``
-   (at least half the directions kept). Each of the three parts was measured (benchmarks/index.py, 100,000
-   clustered 768-d vectors, recall@10 against exact search at one eighth of the raw size): residual codes
-   instead of whole-vector codes, the balanced principal basis instead of the vectors' own basis, and 2-d instead of
-   3-d sub-quantizers raised recall from 0.80 (the re-ranked PQ of rule 5) to 0.94; on a million vectors, with
-   4,096 lists, it is 0.90 (README, "From embeddings to search", for the steps and figures): the residual from the list's
-   centroid carries only the spread within a cluster, the balanced basis lets each sub-quantizer spend its bits on
-   its strong direction, and the weakest directions that are dropped barely move distances between neighbours.
+   sub-vectors of 8 bits (4 bits a dimension), in a principal-component basis, keeping the ``2m`` strongest
+   directions that the budget pays for, with each code chosen under the error that the scores will see
+   (:func:`search.build.train_weighted_residual_pq`): an inner-product score is off by ``<q, e>`` for a coding
+   error ``e``, so the error in direction ``i`` is weighted by the queries' second moment there, and the directions
+   are dealt to the sub-quantizers to even out their weighted variance (each in turn, strongest first, to the
+   sub-quantizer with the least so far, which pairs the strongest with the weakest). Chosen while ``m`` is at least
+   a quarter of ``dim`` (at least half the directions kept). Measured step by step (benchmarks/index.py, recall@10
+   against exact search at one eighth of the raw size): residual codes instead of whole-vector codes, the balanced
+   principal basis and 2-d sub-quantizers raised recall from 0.80 (the re-ranked PQ of rule 5) to 0.94 on 100,000
+   clustered 768-d vectors, 0.90 on a million with 4,096 lists; the weighted codes raise the million to 0.94
+   (README, "From embeddings to search", for the steps and figures): the residual from the list's centroid carries
+   only the spread within a cluster, the weights spend the bits where scores are sensitive, and the weakest
+   directions that are dropped barely move scores.
 5. ``IVF{nlist},PQ{m}x{bits}``: for smaller budgets, product quantisation: ``m`` sub-vectors coded in 8 bits each
    (one byte), the largest ``m`` that divides ``dim`` and fits the budget, with a re-ranking stage (``Refine``) when
    the budget leaves room for one: the inverted lists find candidates with coarse codes and the finer codes re-rank
@@ -174,7 +176,7 @@ def choose_index(count: int, dim: int, max_memory_bytes: int = DEFAULT_MAX_INDEX
                 train_size=min(count, max(RESIDUAL_TRAIN_PER_LIST * residual_nlist, MIN_TRAIN_PER_LIST * 256)),
                 reason=(
                     f"residual product quantisation: {balanced_m}-byte codes of the {kept} strongest principal "
-                    f"directions ({'all' if kept == dim else f'of {dim}'}), strong paired with weak in each sub-quantizer"
+                    f"directions ({'all' if kept == dim else f'of {dim}'}), chosen under the error the scores see"
                 ),
             )
         balanced_m -= 1

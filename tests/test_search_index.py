@@ -268,11 +268,12 @@ def test_recall_counts_at_most_k_returned_ids() -> None:
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_a_balanced_residual_pq_index_keeps_scores_finds_indexed_vectors_and_merges(metric: str) -> None:
-    """The recipe chosen at one eighth of the raw size (search.choice rule 4): a balanced PCA rotation without bias,
-    residual PQ codes of 2-d sub-vectors. Parts merge in any order with their ids; an indexed vector comes back as
-    its own nearest neighbour; scores approximate the exact ones (no mean shift from the rotation); range search and
-    reconstruction, which dedup and key queries use, work through the rotation."""
+def test_a_weighted_residual_pq_index_keeps_scores_finds_indexed_vectors_and_merges(metric: str) -> None:
+    """The recipe chosen at one eighth of the raw size (search.choice rule 4): a principal rotation without bias,
+    residual PQ codes of 2-d sub-vectors chosen under weighted error. Parts merge in any order with their ids into a
+    plain FAISS index; an indexed vector comes back as its own nearest neighbour; scores approximate the exact ones
+    (no mean shift from the rotation); range search and reconstruction, which dedup and key queries use, work
+    through the rotation."""
     from search.choice import IndexSpec
 
     vectors = build.prepare(clustered_vectors(4000, 64, clusters=20, seed=3), metric)
@@ -280,16 +281,17 @@ def test_a_balanced_residual_pq_index_keeps_scores_finds_indexed_vectors_and_mer
                      train_size=len(vectors))
     trained = build.train(spec, vectors, seed=5)
     assert trained.is_trained
-    rotation = build._rotation(trained)
-    assert rotation.balanced_bins == 28 and not np.any(faiss.vector_to_array(rotation.b))
-    variances = np.var(rotation.apply(vectors), axis=0).reshape(28, 2)  # a row per sub-quantizer
-    assert variances[:, 1].max() < variances[:, 0].min()  # each pairs a strong direction with a weak one
-    assert np.all(np.diff(variances[:, 0]) < 0) and np.all(np.diff(variances[:, 1]) > 0)  # strongest with weakest
-    assert np.var(rotation.apply(vectors), axis=0).sum() > 0.97 * np.var(vectors, axis=0).sum()  # strongest kept
+    scales = build._coding_scales(trained)
+    assert scales is not None and scales.shape == (56,) and scales.min() > 0 and scales.max() > 2 * scales.min()
+    rotation = faiss.downcast_VectorTransform(faiss.downcast_index(trained).chain.at(0))
+    assert isinstance(rotation, faiss.LinearTransform) and not rotation.have_bias and rotation.is_orthonormal
+    rotated = rotation.apply(vectors)
+    assert np.var(rotated, axis=0).sum() > 0.97 * np.var(vectors, axis=0).sum()  # the strongest directions kept
 
     serialized = build.serialize(trained)
     index = build.merge(build.add_part(serialized, vectors[start:start + 1000], start) for start in (3000, 0, 2000, 1000))
     assert index.ntotal == len(vectors)
+    assert faiss.downcast_index(index).chain.size() == 1 and build._coding_scales(index) is None  # finished: plain
     build.set_search_params(index, nprobe=16)
     queries = vectors[::97]
     scores, found = index.search(queries, 10)
@@ -299,8 +301,56 @@ def test_a_balanced_residual_pq_index_keeps_scores_finds_indexed_vectors_and_mer
     assert np.abs(scores[:, 0] - exact_scores[:, 0]).max() < 0.05  # a pure projection: no per-vector offset
     lims, range_scores, range_ids = index.range_search(queries[:3], 0.9 if metric == "cosine" else 0.2)
     assert 0 in range_ids[lims[0]:lims[1]]
+    reread = faiss.read_index(faiss.PyCallbackIOReader(io_bytes(build.serialize(index))))  # stock FAISS reads it
+    faiss.extract_index_ivf(reread).nprobe = 16
+    np.testing.assert_array_equal(reread.search(queries, 10)[1], found)
     faiss.extract_index_ivf(index).make_direct_map()
     assert np.linalg.norm(index.reconstruct(5) - vectors[5]) < 0.3 * np.linalg.norm(vectors[5])
+
+
+def io_bytes(buffer: np.ndarray):
+    """A reader callback over ``buffer`` for ``faiss.PyCallbackIOReader``."""
+    data, position = buffer.tobytes(), [0]
+
+    def read(size: int) -> bytes:
+        chunk = data[position[0]:position[0] + size]
+        position[0] += len(chunk)
+        return chunk
+
+    return read
+
+
+def test_each_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
+    """What rule 4's weighting changes: every stored code is the codebook entry nearest its residual sub-vector under
+    the error weights (the scales squared), not under plain squared error, and the two choices differ often."""
+    from search.choice import IndexSpec
+
+    vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), "cosine")
+    spec = IndexSpec("PCA32,IVF8,PQ16x8", "cosine", 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
+                     train_size=len(vectors))
+    trained = build.train(spec, vectors, seed=2)
+    weights = build._coding_scales(trained) ** 2
+    index = build.merge([build.add_part(build.serialize(trained), vectors, 0)])
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.make_direct_map()
+    rotation = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+    rotated = rotation.apply(vectors[:300])
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    lists = build._nearest_centroids(centroids, rotated, ivf.metric_type)
+    residuals = (rotated - centroids[lists]).reshape(300, 16, 2)
+    decoded = (np.stack([ivf.reconstruct(row) for row in range(300)]) - centroids[lists]).reshape(300, 16, 2)
+    codebooks = faiss.vector_to_array(ivf.pq.centroids).reshape(16, 256, 2)
+    squared = (residuals[:, :, None, :] - codebooks[None]) ** 2  # (rows, sub-quantizer, entry, 2)
+    chosen = np.argmin(np.abs(decoded[:, :, None, :] - codebooks[None]).sum(-1), axis=2)
+    weighted = np.argmin((squared * weights.reshape(16, 1, 2)).sum(-1), axis=2)
+    plain = np.argmin(squared.sum(-1), axis=2)
+    np.testing.assert_array_equal(chosen, weighted)
+    assert (chosen != plain).mean() > 0.05
+
+
+def test_balanced_bins_pair_the_strongest_direction_with_the_weakest() -> None:
+    order = build.balanced_bins(np.array([1.0, 8.0, 2.0, 4.0, 0.5, 16.0]), 3)
+    assert [sorted(order[bin_ * 2:bin_ * 2 + 2].tolist()) for bin_ in range(3)] == [[4, 5], [0, 1], [2, 3]]
 
 
 def test_one_eighth_of_a_million_vectors_chooses_balanced_residual_pq_within_the_budget() -> None:
