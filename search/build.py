@@ -28,6 +28,8 @@ RECALL_TARGET = 0.95
 REFINE_K_FACTOR = 8
 # The most memory an L2 residual-PQ index may spend on its precomputed lookup table (see deserialize).
 PRECOMPUTED_TABLE_MAX_BYTES = 256 * 1024**2
+# The smallest error weight of rule 4 (relative to the mean): see _error_weights.
+WEIGHT_FLOOR = 1e-6
 # nprobe tuning stops after two doublings that raised recall by no more than this.
 PLATEAU = 0.002
 
@@ -161,7 +163,7 @@ def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int
 
     residual_variance = np.mean(residuals**2, axis=0)
     error_moment = np.mean(rotated**2, axis=0) if metric == faiss.METRIC_INNER_PRODUCT else residual_variance
-    weights = error_moment / error_moment.mean()
+    weights = _error_weights(error_moment)
     order = balanced_bins(residual_variance * weights, pq_m)
     scales = np.sqrt(weights[order]).astype(np.float32)
 
@@ -180,6 +182,15 @@ def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int
     index.prepend_transform(rotation)
     index.is_trained = True
     return deserialize(serialize(index))  # one object owning its parts, as every later step holds it
+
+
+def _error_weights(moments: np.ndarray) -> np.ndarray:
+    """``moments`` over their mean, floored at 1e-6: a direction the sample never moves in (vectors of lower rank
+    than the directions kept) keeps a positive scale, which :func:`_finish_weighted` divides by."""
+    mean = float(moments.mean())
+    if not np.isfinite(mean) or mean <= 0:
+        return np.ones_like(moments)
+    return np.maximum(moments / mean, WEIGHT_FLOOR)
 
 
 def balanced_bins(variances: np.ndarray, bins: int) -> np.ndarray:

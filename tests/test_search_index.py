@@ -399,3 +399,21 @@ def test_an_l2_residual_pq_index_is_read_without_a_lookup_table_over_the_cap(mon
     scores, ids = without.search(vectors[:50], 5)
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_vectors_of_lower_rank_than_the_directions_kept_give_finite_scores() -> None:
+    """Directions the sample never moves in get the floor weight, not zero: dividing the scales back out of the
+    codebooks must not turn them into NaN or infinity."""
+    from search.choice import IndexSpec
+
+    low_rank = np.zeros((3000, 64), dtype=np.float32)  # 24 coordinates always zero: 16 kept directions never move
+    low_rank[:, :40] = clustered_vectors(3000, 40, clusters=10, seed=9)
+    vectors = build.prepare(low_rank, "cosine")
+    spec = IndexSpec("PCA56,IVF16,PQ28x8", "cosine", 64, len(vectors), nlist=16, pq_m=28, pca_dim=56,
+                     train_size=len(vectors))
+    trained = build.train(spec, vectors, seed=3)
+    assert build._coding_scales(trained).min() > 0
+    index = build.merge([build.add_part(build.serialize(trained), vectors, 0)])
+    build.set_search_params(index, nprobe=16)
+    scores, found = index.search(vectors[:50], 5)
+    assert np.isfinite(scores).all() and (found[:, 0] == np.arange(50)).mean() >= 0.9
