@@ -149,9 +149,7 @@ def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int
     principal = faiss.PCAMatrix(dim, kept, 0, False)
     principal.train(sample)
     directions = faiss.vector_to_array(principal.A).reshape(kept, dim)  # strongest first
-    rotated = sample @ directions.T
-
-    rotated = np.ascontiguousarray(rotated, dtype=np.float32)
+    rotated = np.ascontiguousarray(sample @ directions.T, dtype=np.float32)
     quantizer = faiss.IndexFlat(kept, metric)
     ivf: Any = faiss.IndexIVFPQ(quantizer, kept, spec.nlist, pq_m, 8, metric)
     ivf.cp.seed = seed
