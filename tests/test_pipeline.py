@@ -125,6 +125,7 @@ def test_ray_data_services_are_started_early_as_ray_data_names_them(local_ray: N
     requesting = request_data_services()  # what a job does: asked for in a thread the driver does not wait for
     requesting.join(timeout=60)
     assert not requesting.is_alive()
+    assert start_data_services() == [function for _, function in SERVICE_FACTORIES]  # each factory found and called
     for name, namespace in (("ActorLocationTracker", "ActorLocationTracker"), (STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE),
                             ("AutoscalingCoordinator", "AutoscalingCoordinator")):
         assert ray.get_actor(name, namespace=namespace) is not None

@@ -301,23 +301,11 @@ def test_a_weighted_residual_pq_index_keeps_scores_finds_indexed_vectors_and_mer
     assert np.abs(scores[:, 0] - exact_scores[:, 0]).max() < 0.05  # a pure projection: no per-vector offset
     lims, range_scores, range_ids = index.range_search(queries[:3], 0.9 if metric == "cosine" else 0.2)
     assert 0 in range_ids[lims[0]:lims[1]]
-    reread = faiss.read_index(faiss.PyCallbackIOReader(io_bytes(build.serialize(index))))  # stock FAISS reads it
+    reread = faiss.deserialize_index(build.serialize(index))  # stock FAISS reads it, with no help from build
     faiss.extract_index_ivf(reread).nprobe = 16
     np.testing.assert_array_equal(reread.search(queries, 10)[1], found)
     faiss.extract_index_ivf(index).make_direct_map()
     assert np.linalg.norm(index.reconstruct(5) - vectors[5]) < 0.3 * np.linalg.norm(vectors[5])
-
-
-def io_bytes(buffer: np.ndarray):
-    """A reader callback over ``buffer`` for ``faiss.PyCallbackIOReader``."""
-    data, position = buffer.tobytes(), [0]
-
-    def read(size: int) -> bytes:
-        chunk = data[position[0]:position[0] + size]
-        position[0] += len(chunk)
-        return chunk
-
-    return read
 
 
 def test_each_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
