@@ -32,6 +32,15 @@ PRECOMPUTED_TABLE_MAX_BYTES = 256 * 1024**2
 WEIGHT_FLOOR = 1e-6
 # nprobe tuning stops after two doublings that raised recall by no more than this.
 PLATEAU = 0.002
+# Rule 4, cosine and ip: the weight of a code's error along its own vector (the score error of a query close to it)
+# beside the error's expected square over all queries, both for a query of unit norm (see anisotropic_codes).
+PARALLEL_ERROR_WEIGHT = 0.14
+# The codewords a sub-vector's code may move to (its nearest's nearest neighbours, itself included), and the passes
+# over the sub-quantizers, when anisotropic_codes chooses codes.
+CODE_CANDIDATES = 8
+CODE_SWEEPS = 2
+# Rows coded at a time by anisotropic_codes: each of its arrays holds M x rows x CODE_CANDIDATES values (24 MB at 2,048).
+CODE_BLOCK_ROWS = 2048
 
 
 def faiss_metric(metric: str) -> int:
@@ -137,6 +146,8 @@ def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int
     4. **Bins**: each principal direction in turn, strongest first, goes to the 2-d sub-quantizer whose scaled
        residual variance is smallest so far (FAISS's ``balanced_bins`` rule, on the scaled variances): every
        sub-quantizer's 8 bits then cover the same weighted error, a strong direction paired with a weak one.
+    5. **Codes along the vector** (cosine, ip): when vectors are added, each one's codes also cancel its error along
+       itself (:func:`anisotropic_codes`): 0.938 -> 0.943 recall@10 on the million vectors above.
 
     Only the codes' choice is weighted: lists are assigned and searched in the plain rotated space, and
     :func:`merge` divides the scales back out of the codebooks, so the finished index is a plain FAISS
@@ -233,16 +244,88 @@ def _coding_scales(index: faiss.Index) -> np.ndarray | None:
 
 
 def _add_weighted(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, scales: np.ndarray) -> None:
-    """Add to a trained rule-4 index: lists assigned in the plain rotated space, codes chosen on scaled residuals."""
+    """Add to a trained rule-4 index: lists assigned in the plain rotated space, codes chosen on scaled residuals
+    (for cosine and ip also under the error along each vector: :func:`anisotropic_codes`)."""
     transformed: Any = faiss.downcast_index(index)
     rotated = faiss.downcast_VectorTransform(transformed.chain.at(0)).apply(vectors)
     ivf: Any = faiss.downcast_index(transformed.index)
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist) / scales
-    lists = np.ascontiguousarray(_nearest_centroids(centroids, rotated, ivf.metric_type), dtype=np.int64)
-    rotated *= scales  # in place: a part's rotated vectors are the largest array here (360 MB for 125,000 x 720)
+    scaled_centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    lists = np.ascontiguousarray(_nearest_centroids(scaled_centroids / scales, rotated, ivf.metric_type), dtype=np.int64)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    ivf.add_core(len(rotated), faiss.swig_ptr(rotated), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+        rotated *= scales  # in place: a part's rotated vectors are the largest array here (360 MB for 125,000 x 720)
+        ivf.add_core(len(rotated), faiss.swig_ptr(rotated), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    else:
+        product = ivf.pq
+        codebooks = faiss.vector_to_array(product.centroids).reshape(product.M, product.ksub, product.dsub)
+        neighbours = nearest_codewords(codebooks, CODE_CANDIDATES)
+        weight = PARALLEL_ERROR_WEIGHT * rotated.shape[1]
+        list_bytes = lists.astype("<i8").view(np.uint8).reshape(-1, 8)[:, :ivf.coarse_code_size()]
+        for start in range(0, len(rotated), CODE_BLOCK_ROWS):
+            block = slice(start, start + CODE_BLOCK_ROWS)
+            along = rotated[block] / scales  # <along, scaled error> = <vector, error>
+            residuals = np.ascontiguousarray(rotated[block] * scales - scaled_centroids[lists[block]])
+            codes = anisotropic_codes(codebooks, residuals, along, product.compute_codes(residuals), neighbours, weight)
+            entries = np.ascontiguousarray(np.concatenate([list_bytes[block], codes], axis=1))
+            ivf.add_sa_codes(entries, ids[block])
     transformed.ntotal = ivf.ntotal
+
+
+def nearest_codewords(codebooks: np.ndarray, count: int) -> np.ndarray:
+    """``M x ksub x count``: each codeword's ``count`` nearest codewords in its own sub-quantizer, itself first."""
+    table = np.empty((codebooks.shape[0], codebooks.shape[1], count), dtype=np.int32)
+    for part, book in enumerate(codebooks):
+        lengths = np.einsum("kj,kj->k", book, book)
+        distances = lengths[:, None] + lengths[None, :] - 2 * book @ book.T
+        np.fill_diagonal(distances, -np.inf)  # itself first, even beside a duplicate codeword
+        table[part] = np.argsort(distances, axis=1, kind="stable")[:, :count]
+    return table
+
+
+def anisotropic_codes(codebooks: np.ndarray, residuals: np.ndarray, along: np.ndarray, codes: np.ndarray,
+                      neighbours: np.ndarray, weight: float, sweeps: int = CODE_SWEEPS) -> np.ndarray:
+    """Codes of ``residuals`` (rows x M*dsub) that lower ``|e|^2 + weight * <along, e>^2``, ``e`` the coding error,
+    starting from ``codes`` (the nearest codeword of each sub-vector, which minimise ``|e|^2`` alone).
+
+    Why: rule 4's scaled error ``|e|^2`` is a score's expected squared error over all queries, but what decides
+    recall is the score of a vector against the queries whose neighbour it is, and those lie close to the vector
+    itself: their score error is mostly ``<x, e>``, the error along the vector (``along`` is the vector divided by
+    the scales, so that ``<along, e>`` is ``<x, e>`` unscaled). The 2-d sub-vectors' errors add up along ``x``, so
+    moving a few codes to a neighbouring codeword can cancel most of it at a small cost in ``|e|^2`` (the
+    anisotropic loss of ScaNN, Guo et al. 2020, ICML). Coordinate descent: ``sweeps`` passes over the
+    sub-quantizers, each sub-vector moving to the best of its nearest codeword's ``neighbours`` given the others'
+    errors, so the loss never rises. ``weight`` is :data:`PARALLEL_ERROR_WEIGHT` times the dimension, the scaled
+    error being the dimension times the expected squared error for a query of unit norm.
+    """
+    parts, size, width = codebooks.shape
+    count = len(residuals)
+    first = np.arange(parts, dtype=np.int32)[:, None] * size  # each sub-quantizer's first row in the flat tables
+    candidates = np.take(neighbours.reshape(parts * size, -1), codes.T + first, axis=0)  # parts x rows x candidates
+    flat = candidates + first[:, :, None]
+    squared = np.zeros(candidates.shape, dtype=np.float32)
+    parallel = np.zeros(candidates.shape, dtype=np.float32)  # each candidate's share of <along, e>
+    for axis in range(width):
+        errors = residuals[:, axis::width].T[:, :, None] - np.take(codebooks[:, :, axis].ravel(), flat)
+        squared += errors * errors
+        errors *= along[:, axis::width].T[:, :, None]
+        parallel += errors
+    del errors, flat
+    chosen = np.zeros((parts, count, 1), dtype=np.int64)
+    shares = parallel[:, :, 0].copy()
+    total = shares.sum(axis=0)
+    cost = np.empty(candidates.shape[1:], dtype=np.float32)
+    for _ in range(sweeps):
+        for part in range(parts):
+            others = total - shares[part]
+            np.add(parallel[part], others[:, None], out=cost)
+            np.square(cost, out=cost)
+            cost *= weight
+            cost += squared[part]
+            chosen[part, :, 0] = cost.argmin(axis=1)
+            shares[part] = np.take_along_axis(parallel[part], chosen[part], axis=1)[:, 0]
+            total = others + shares[part]
+    picked = np.take_along_axis(candidates, chosen, axis=2)[:, :, 0]
+    return np.ascontiguousarray(picked.T, dtype=np.uint8)
 
 
 def _finish_weighted(index: faiss.Index, scales: np.ndarray) -> faiss.Index:

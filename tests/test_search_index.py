@@ -308,13 +308,14 @@ def test_a_weighted_residual_pq_index_keeps_scores_finds_indexed_vectors_and_mer
     assert np.linalg.norm(index.reconstruct(5) - vectors[5]) < 0.3 * np.linalg.norm(vectors[5])
 
 
-def test_each_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
-    """What rule 4's weighting changes: every stored code is the codebook entry nearest its residual sub-vector under
-    the error weights (the scales squared), not under plain squared error, and the two choices differ often."""
+def _rule_4_codes(metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small rule-4 index of 3,000 vectors: (rotated vectors, their stored codes' reconstructions,
+    their residuals from their list's centroid, the error weights, the codebooks); residuals and reconstructions
+    as rows x 16 sub-quantizers x 2, for the first 300 vectors."""
     from search.choice import IndexSpec
 
-    vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), "cosine")
-    spec = IndexSpec("PCA32,IVF8,PQ16x8", "cosine", 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
+    vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), metric)
+    spec = IndexSpec("PCA32,IVF8,PQ16x8", metric, 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
                      train_size=len(vectors))
     trained = build.train(spec, vectors, seed=2)
     weights = build._coding_scales(trained) ** 2
@@ -327,13 +328,57 @@ def test_each_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
     lists = build._nearest_centroids(centroids, rotated, ivf.metric_type)
     residuals = (rotated - centroids[lists]).reshape(300, 16, 2)
     decoded = (np.stack([ivf.reconstruct(row) for row in range(300)]) - centroids[lists]).reshape(300, 16, 2)
-    codebooks = faiss.vector_to_array(ivf.pq.centroids).reshape(16, 256, 2)
+    return rotated, decoded, residuals, weights, faiss.vector_to_array(ivf.pq.centroids).reshape(16, 256, 2)
+
+
+def test_each_l2_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
+    """What rule 4's weighting changes: every stored code is the codebook entry nearest its residual sub-vector under
+    the error weights (the scales squared), not under plain squared error, and the two choices differ often."""
+    _, decoded, residuals, weights, codebooks = _rule_4_codes("l2")
     squared = (residuals[:, :, None, :] - codebooks[None]) ** 2  # (rows, sub-quantizer, entry, 2)
     chosen = np.argmin(np.abs(decoded[:, :, None, :] - codebooks[None]).sum(-1), axis=2)
     weighted = np.argmin((squared * weights.reshape(16, 1, 2)).sum(-1), axis=2)
     plain = np.argmin(squared.sum(-1), axis=2)
     np.testing.assert_array_equal(chosen, weighted)
     assert (chosen != plain).mean() > 0.05
+
+
+def test_cosine_codes_cancel_their_error_along_their_own_vector() -> None:
+    """For cosine (and ip) the codes also weigh the error along the vector itself, the score error of the queries
+    closest to it: against each sub-vector's weighted-nearest code, |<x, e>| falls several times over while the
+    weighted error grows little."""
+    rotated, decoded, residuals, weights, codebooks = _rule_4_codes("cosine")
+    squared = ((residuals[:, :, None, :] - codebooks[None]) ** 2 * weights.reshape(16, 1, 2)).sum(-1)
+    nearest = codebooks[np.arange(16)[None, :], np.argmin(squared, axis=2)]  # (rows, sub-quantizer, 2)
+    stored_error = (residuals - decoded).reshape(300, 32)
+    nearest_error = (residuals - nearest).reshape(300, 32)
+    along_stored = np.abs(np.einsum("rd,rd->r", rotated, stored_error)).mean()
+    along_nearest = np.abs(np.einsum("rd,rd->r", rotated, nearest_error)).mean()
+    assert along_stored < 0.4 * along_nearest
+    weighted_stored = (stored_error ** 2 * weights).sum()
+    weighted_nearest = (nearest_error ** 2 * weights).sum()
+    assert weighted_nearest <= weighted_stored < 1.5 * weighted_nearest
+
+
+def test_anisotropic_codes_start_from_the_nearest_and_never_raise_the_loss() -> None:
+    rng = np.random.default_rng(4)
+    codebooks = rng.normal(size=(6, 256, 2)).astype(np.float32)
+    residuals = rng.normal(size=(500, 12)).astype(np.float32)
+    along = rng.normal(size=(500, 12)).astype(np.float32)
+    nearest = np.stack([np.argmin(((residuals[:, None, 2 * part:2 * part + 2] - codebooks[part][None]) ** 2).sum(-1),
+                                  axis=1) for part in range(6)], axis=1).astype(np.uint8)
+    neighbours = build.nearest_codewords(codebooks, 8)
+    assert (neighbours[:, :, 0] == np.arange(256)).all()
+
+    def loss(codes: np.ndarray, weight: float) -> np.ndarray:
+        error = residuals - codebooks[np.arange(6)[None, :], codes.astype(np.int64)].reshape(500, 12)
+        return (error ** 2).sum(1) + weight * np.einsum("rd,rd->r", along, error) ** 2
+
+    np.testing.assert_array_equal(build.anisotropic_codes(codebooks, residuals, along, nearest, neighbours, 0.0),
+                                  nearest)
+    chosen = build.anisotropic_codes(codebooks, residuals, along, nearest, neighbours, 10.0)
+    assert (loss(chosen, 10.0) <= loss(nearest, 10.0) + 1e-4).all()
+    assert loss(chosen, 10.0).mean() < 0.5 * loss(nearest, 10.0).mean()
 
 
 def test_balanced_bins_pair_the_strongest_direction_with_the_weakest() -> None:
