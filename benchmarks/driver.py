@@ -14,7 +14,10 @@ fresh subprocess joining the cluster, so its CPU time (``getrusage``) and peak R
 * driver bytes per image: what ``iter_batches`` hands the driver (fragment metadata), divided by images;
 * driver peak RSS at N and 4N, and its growth;
 * GPUs one driver core can feed: 1 / (marginal CPU-s per image) / (images/s of one GPU), for 3,000 and 6,000
-  images/s (one H100 in bf16, issue 9's range).
+  images/s (one H100 in bf16, issue 9's range);
+* the idle floor: what a driver joined to the same cluster spends per second doing nothing at all (Ray's own
+  threads in the process), and the image rate below which that floor alone exceeds the per-image target: a
+  per-image figure divides a per-second cost by the rate, so on a machine slower than that no driver can meet it.
 
 Targets (issue 9): at most 0.005 CPU-s per 1,000 images marginal; peak RSS growth under 64 MiB from N to 4N.
 """
@@ -34,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 GPU_RATES = (3000, 6000)
+TARGET_CPU_S_PER_1000_IMAGES = 0.005
+IDLE_SETTLE_S = 5.0
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +84,19 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _idle_child(args: argparse.Namespace) -> dict[str, Any]:
+    """A driver that joins the cluster and does nothing: its CPU per second over ``args.idle`` seconds."""
+    import ray
+
+    ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
+    time.sleep(IDLE_SETTLE_S)
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    time.sleep(args.idle)
+    after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
+    spent = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"seconds": round(seconds, 2), "driver_cpu_s": round(spent, 4)}
+
+
 def _write_inputs(folder: Path, images: int, per_shard: int) -> tuple[str, str]:
     """Small uniform JPEGs (64 x 64, the checkpoint's input size), so that decoding is cheap and the driver's share
     is what the figures show; a checkpoint with the real widths (768-d, 1,000 labels) and one thin layer."""
@@ -119,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--images-per-shard", type=int, default=500)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="how long the idle driver is measured")
+    parser.add_argument("--idle", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -126,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args)))
+        print(json.dumps(_idle_child(args) if args.idle else _child(args)))
         return {}
 
     from ray.cluster_utils import Cluster
@@ -155,6 +175,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if done.returncode != 0:
                     raise RuntimeError(f"the {images}-image job failed:\n{done.stderr[-4000:]}")
                 runs[images] = json.loads(done.stdout.strip().splitlines()[-1])
+        command = [sys.executable, "-m", "benchmarks.driver", "--child", "--address", cluster.address,
+                   "--idle", str(args.idle_seconds)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
+        if done.returncode != 0:
+            raise RuntimeError(f"the idle driver failed:\n{done.stderr[-4000:]}")
+        idle = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         cluster.shutdown()
     small, large = runs[args.images], runs[4 * args.images]
@@ -169,10 +195,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "driver_cpu_s_per_job_second_marginal": round(
             (large["driver_cpu_s"] - small["driver_cpu_s"]) / max(1e-9, large["seconds"] - small["seconds"]), 4
         ),
+        "job_images_per_s_marginal": round(
+            (large["images"] - small["images"]) / max(1e-9, large["seconds"] - small["seconds"]), 1
+        ),
+        "idle_driver_cpu_s_per_second": round(idle["driver_cpu_s"] / max(1e-9, idle["seconds"]), 5),
         "gpus_one_driver_core_feeds": {
             f"{rate}_images_per_s": (round(1 / (marginal * rate), 1) if marginal > 0 else None) for rate in GPU_RATES
         },
     }
+    report["images_per_s_below_which_the_idle_floor_alone_misses_the_target"] = round(
+        report["idle_driver_cpu_s_per_second"] / (TARGET_CPU_S_PER_1000_IMAGES / 1000), 1
+    )
     hardware = report["hardware"]
     print(f"CPU: {hardware['cpu_model']} ({hardware['cpu_cores_usable']} usable of {hardware['cpu_cores']} cores)")
     for images, run in runs.items():
@@ -186,6 +219,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{report['driver_bytes_per_image']} bytes per image; peak RSS growth "
         f"{report['driver_peak_rss_growth_mib']} MiB from N to 4N (target < 64); one driver core feeds "
         + ", ".join(f"{value} GPUs at {rate}" for rate, value in report["gpus_one_driver_core_feeds"].items())
+    )
+    print(
+        f"idle floor: a driver joined to the cluster and doing nothing spent "
+        f"{report['idle_driver_cpu_s_per_second']} CPU-s per second, i.e. more than the target per image below "
+        f"{report['images_per_s_below_which_the_idle_floor_alone_misses_the_target']} images/s "
+        f"(these jobs ran at {report['job_images_per_s_marginal']} images/s marginal)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
