@@ -244,6 +244,8 @@ def test_a_refined_product_quantised_index_trains_merges_in_id_order_and_finds_i
                      train_size=len(vectors))
     trained = build.train(spec, vectors, seed=5)
     assert trained.is_trained
+    # No polysemous training (15 s here, for a codebook order that no search of ours uses).
+    assert not faiss.downcast_index(faiss.extract_index_ivf(trained)).do_polysemous_training
     refine = faiss.downcast_index(faiss.downcast_index(trained).refine_index)
     codes = refine.pq.compute_codes(vectors[:200])
     error = float(((refine.pq.decode(codes) - vectors[:200]) ** 2).sum(axis=1).mean())
