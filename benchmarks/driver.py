@@ -97,6 +97,14 @@ def _idle_child(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds": round(seconds, 2), "driver_cpu_s": round(spent, 4)}
 
 
+def _run_child(command: list[str], root: Path, what: str) -> dict[str, Any]:
+    """Run one child driver; return the JSON it prints last."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _write_inputs(folder: Path, images: int, per_shard: int) -> tuple[str, str]:
     """Small uniform JPEGs (64 x 64, the checkpoint's input size), so that decoding is cheap and the driver's share
     is what the figures show; a checkpoint with the real widths (768-d, 1,000 labels) and one thin layer."""
@@ -171,16 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 command = [sys.executable, "-m", "benchmarks.driver", "--child", "--address", cluster.address,
                            "--input", shards, "--output", str(Path(folder, f"out-{images}")), "--model", model,
                            "--batch-size", str(args.batch_size)]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
-                if done.returncode != 0:
-                    raise RuntimeError(f"the {images}-image job failed:\n{done.stderr[-4000:]}")
-                runs[images] = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[images] = _run_child(command, root, f"the {images}-image job")
         command = [sys.executable, "-m", "benchmarks.driver", "--child", "--address", cluster.address,
                    "--idle", str(args.idle_seconds)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
-        if done.returncode != 0:
-            raise RuntimeError(f"the idle driver failed:\n{done.stderr[-4000:]}")
-        idle = json.loads(done.stdout.strip().splitlines()[-1])
+        idle = _run_child(command, root, "the idle driver")
     finally:
         cluster.shutdown()
     small, large = runs[args.images], runs[4 * args.images]
