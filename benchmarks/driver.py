@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from benchmarks.measures import hardware_summary
+    from pipeline.cpu import detect_cpu_capabilities
 
     root = Path(__file__).resolve().parents[1]
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
@@ -208,8 +209,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["images_per_s_below_which_the_idle_floor_alone_misses_the_target"] = round(
         report["idle_driver_cpu_s_per_second"] / (TARGET_CPU_S_PER_1000_IMAGES / 1000), 1
     )
+    capabilities = detect_cpu_capabilities()
+    report["cpu_capabilities"] = capabilities.to_dict()
     hardware = report["hardware"]
-    print(f"CPU: {hardware['cpu_model']} ({hardware['cpu_cores_usable']} usable of {hardware['cpu_cores']} cores)")
+    print(f"CPU: {hardware['cpu_model']} ({hardware['cpu_cores_usable']} usable of {hardware['cpu_cores']} cores); "
+          f"detected: {capabilities.describe()}")
     for images, run in runs.items():
         print(
             f"{images} images: driver {run['driver_cpu_s']} CPU-s, {run['driver_bytes'] / 1e3:.1f} kB received in "
