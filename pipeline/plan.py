@@ -55,7 +55,7 @@ from pipeline.compute import (
     uses_gpu,
 )
 from pipeline.config import DTYPE_BYTES, JobConfig
-from pipeline.dataservices import request_data_services
+from pipeline.dataservices import request_data_services, settle_data_service_requests
 from pipeline.layout import OutputLayout
 from pipeline.manifest import JobFingerprint, OutputState
 from pipeline.preflight import connect_ray, plan_input, ray_started_here, run_preflight
@@ -155,6 +155,13 @@ def run_job(config: JobConfig) -> JobSummary:
     Ray is needed; then ``ray.init()`` is called unless Ray is already initialised, so the same code runs in-process,
     in tests that start Ray themselves and under ``ray job submit`` (where ``ray.init()`` joins the job's cluster).
     """
+    try:
+        return _run_job(config)
+    finally:
+        settle_data_service_requests()  # no thread of this job calls Ray after it returns or raises
+
+
+def _run_job(config: JobConfig) -> JobSummary:
     started = time.monotonic()
     # Output, model files, input plan (unless resuming), weights' identity: every check that needs no Ray, cheapest
     # first (pipeline/preflight.py), so that a wrong flag fails in seconds, before Ray starts. The weights' identity

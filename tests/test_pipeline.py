@@ -7,12 +7,13 @@ for the planted bad samples, and labels, scores and embeddings equal to the dire
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import JobConfig
-from pipeline.plan import run_job
+from pipeline.plan import JobError, run_job
 from tests.corpus import Sample, make_samples, write_image_files, write_parquet, write_webdataset
 from tests.pipeline_helpers import check_rows, expected_predictions, read_output, start_local_ray
 from tests.reference import small_config_dict, write_reference_checkpoint
@@ -138,3 +139,50 @@ def test_a_missing_or_failing_ray_data_service_is_skipped(monkeypatch: pytest.Mo
     monkeypatch.setattr(dataservices, "SERVICE_FACTORIES", (("no.such.module", "factory"), ("json", "no_such_function"),
                                                              ("json", "loads")))
     assert dataservices.start_data_services() == []  # json.loads() without arguments raises TypeError: skipped too
+
+
+def test_a_request_never_calls_a_ray_that_is_gone_and_a_job_settles_its_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Called on a shut-down Ray, a factory would start a new one in the requesting thread (Ray's auto-init), which
+    the process's next ray.init() trips over: the request stops instead, and a job waits for its requests before it
+    returns, so none outlives it."""
+    import sys
+    import types
+
+    import ray
+
+    from pipeline import dataservices
+
+    calls: list[str] = []
+
+    def recording_factory() -> None:  # a stand-in service factory that takes a moment
+        time.sleep(0.3)
+        calls.append("called")
+
+    services = types.ModuleType("stand_in_services")
+    services.recording_factory = recording_factory  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "stand_in_services", services)
+    monkeypatch.setattr(dataservices, "SERVICE_FACTORIES", (("stand_in_services", "recording_factory"),))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert dataservices.start_data_services() == [] and calls == []
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    first = dataservices.request_data_services()
+    assert dataservices.request_data_services() is first  # one request at a time, not one per connect
+    dataservices.settle_data_service_requests()
+    assert not first.is_alive() and calls == ["called"]
+    second = dataservices.request_data_services()  # the first has ended: a new request
+    assert second is not first
+    dataservices.settle_data_service_requests()
+    assert not second.is_alive() and calls == ["called", "called"]
+
+    # A job that fails right after joining Ray (here: at once) has ended its request when run_job raises.
+    from pipeline import plan
+
+    def fail_after_joining(config: JobConfig) -> None:
+        dataservices.request_data_services()
+        raise JobError("refused")
+
+    monkeypatch.setattr(plan, "_run_job", fail_after_joining)
+    with pytest.raises(JobError):
+        plan.run_job(JobConfig(task="classify", input="in", output="out", model="model"))
+    assert calls == ["called"] * 3
