@@ -78,12 +78,12 @@ def local_ray(num_cpus: float) -> Iterator[float]:
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), saved]))
     try:
-        from pipeline.preflight import LOCAL_RAY_SYSTEM_CONFIG
+        from pipeline.preflight import local_ray_options
 
         started = time.perf_counter()
         ray.init(
-            address="local", num_cpus=math.ceil(num_cpus), include_dashboard=False, logging_level=logging.WARNING,
-            log_to_driver=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG,  # as the job's own in-process Ray
+            address="local", num_cpus=math.ceil(num_cpus), logging_level=logging.WARNING, log_to_driver=False,
+            **local_ray_options(),  # as the job's own in-process Ray
         )
         init_seconds = time.perf_counter() - started
         context = ray.data.DataContext.get_current()

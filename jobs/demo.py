@@ -86,8 +86,9 @@ def _plant_bad_image(folder: Path) -> str:
 
 def _start_quiet_ray(*, verbose: bool) -> None:
     """Ray in-process, with its progress bars and worker logs off the demo's output unless --verbose."""
-    import ray
     import ray.data
+
+    from pipeline.preflight import connect_ray
 
     if not verbose:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ core logs to stderr below this
@@ -96,8 +97,9 @@ def _start_quiet_ray(*, verbose: bool) -> None:
         context.print_on_execution_start = False
         for name in ("ray", "ray.data", "ray.data._internal", "pipeline", "model"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-             configure_logging=verbose)
+    # Started as a job starts its own Ray (pipeline.preflight.local_ray_options), or joined under RAY_ADDRESS.
+    connect_ray(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                configure_logging=verbose)
 
 
 def _photo_names(shards: Sequence[Path]) -> dict[str, str]:

@@ -742,6 +742,7 @@ def _run_with_ray(settings: CheckSettings, checkpoint: str, shards: str, output:
 
     from pipeline.config import JobConfig
     from pipeline.plan import run_job
+    from pipeline.preflight import local_ray_options
 
     config = JobConfig(
         task="classify", input=shards, output=output, model=checkpoint, format="webdataset",
@@ -749,8 +750,8 @@ def _run_with_ray(settings: CheckSettings, checkpoint: str, shards: str, output:
         dtype="bfloat16" if settings.device == "cuda" else "float32", device=settings.device,
         decode_cpus=1.0,
     )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    ray.init(address="local", log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
+             **local_ray_options())
     try:
         summary = run_job(config)
     finally:

@@ -128,10 +128,21 @@ LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_m
 # The Ray that a job starts in its own process has no dashboard: its head process and the nine module processes it
 # forks import most of Ray's web stack beside the job's own start-up. On a 2-core node ``ray.init()`` took 8.7 s with
 # it and 6.3 s without, and the dashboard's processes had used ~4 CPU-seconds 16 s later, while the job's actors
-# were importing torch. The benchmark, the demo and the tests' local Ray already started Ray this way, so the job
-# now starts as fast as they measure. For the dashboard, start Ray with ``ray start --head`` and run the job with
+# were importing torch. The benchmark, the demo, the GPU check and the tests' shared Ray start Ray with the same
+# options (local_ray_options), so they measure and exercise the Ray a job runs on. For the dashboard, start Ray with ``ray start --head`` and run the job with
 # ``RAY_ADDRESS=auto``: it joins that Ray (and its dashboard, http://127.0.0.1:8265) instead.
 LOCAL_RAY_INCLUDE_DASHBOARD = False
+
+
+def local_ray_options() -> dict[str, Any]:
+    """``ray.init()`` options for a Ray started in this process: the job's own, and the demo's, the benchmark's, the
+    GPU check's and the tests', so that they all measure and exercise the Ray a job really runs on.
+
+    The tests' shared Ray once lacked the idle-worker setting: each of their jobs then waited for fresh worker
+    processes for its writer tasks, 5-6 s on the 2-core test machine (a 120-image test job on a warm Ray took
+    16.7-18.2 s without it, 8.5-13.8 s with it).
+    """
+    return {"include_dashboard": LOCAL_RAY_INCLUDE_DASHBOARD, "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)}
 
 
 def ray_started_here() -> bool:
@@ -150,9 +161,10 @@ def ray_started_here() -> bool:
         return False
 
 
-def connect_ray() -> Any:
+def connect_ray(**init_options: Any) -> Any:
     """``ray.init()`` unless Ray is already initialised: joins ``RAY_ADDRESS`` (``ray job submit``) or starts Ray in
-    process. Any failure becomes a :class:`ClusterStartError` with the cause and what to check."""
+    process. Any failure becomes a :class:`ClusterStartError` with the cause and what to check. ``init_options``
+    (logging ones: the demo's) go to ``ray.init()`` either way."""
     import os
 
     import ray
@@ -162,11 +174,11 @@ def connect_ray() -> Any:
     address = os.environ.get("RAY_ADDRESS")
     try:
         try:
-            ray.init(include_dashboard=LOCAL_RAY_INCLUDE_DASHBOARD, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
+            ray.init(**local_ray_options(), **init_options)
         except ValueError as error:  # ray.init() found a cluster to join: its config is the cluster's own
             if "_system_config must not be provided" not in str(error):
                 raise
-            ray.init()
+            ray.init(**init_options)
     except Exception as error:
         where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start Ray in this process"
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

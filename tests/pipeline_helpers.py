@@ -19,16 +19,19 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_local_ray() -> None:
-    """A real local Ray (2 CPUs) whose workers import this checkout and see the S3 test variables."""
+    """A real local Ray (2 CPUs) started as a job starts its own, whose workers import this checkout and see the S3
+    test variables."""
     import ray
+
+    from pipeline.preflight import local_ray_options
 
     python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",  # a new local Ray even when someone has a cluster running on this machine
         num_cpus=2,
-        include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": python_path}},
         logging_level="WARNING",
+        **local_ray_options(),  # as a job's own Ray: no dashboard, idle workers kept for the next task
     )
 
 

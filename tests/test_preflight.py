@@ -165,3 +165,10 @@ def test_an_in_process_ray_has_no_dashboard_and_keeps_idle_workers_and_a_joined_
     joining = True
     preflight.connect_ray()
     assert calls == [started, {}]  # joined with the cluster's own config and dashboard
+    calls.clear()
+    preflight.connect_ray(log_to_driver=False)  # the demo's logging options go to either call
+    assert calls == [{**started, "log_to_driver": False}, {"log_to_driver": False}]
+    joining = False
+    calls.clear()
+    preflight.connect_ray()
+    assert calls == [started] and calls[0]["_system_config"] is not preflight.LOCAL_RAY_SYSTEM_CONFIG  # a copy
