@@ -129,8 +129,9 @@ LOCAL_RAY_SYSTEM_CONFIG: dict[str, Any] = {"idle_worker_killing_time_threshold_m
 # forks import most of Ray's web stack beside the job's own start-up. On a 2-core node ``ray.init()`` took 8.7 s with
 # it and 6.3 s without, and the dashboard's processes had used ~4 CPU-seconds 16 s later, while the job's actors
 # were importing torch. The benchmark, the demo, the GPU check and the tests' shared Ray start Ray with the same
-# options (local_ray_options), so they measure and exercise the Ray a job runs on. For the dashboard, start Ray with ``ray start --head`` and run the job with
-# ``RAY_ADDRESS=auto``: it joins that Ray (and its dashboard, http://127.0.0.1:8265) instead.
+# options (local_ray_options), so they measure and exercise the Ray a job runs on. For the dashboard, start Ray
+# with ``ray start --head`` and run the job with ``RAY_ADDRESS=auto``: it joins that Ray (and its dashboard,
+# http://127.0.0.1:8265) instead.
 LOCAL_RAY_INCLUDE_DASHBOARD = False
 
 
