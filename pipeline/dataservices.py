@@ -20,12 +20,11 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-import time
 
 logger = logging.getLogger(__name__)
 
-# Requests made by this process and not yet settled (see :func:`settle_data_service_requests`).
-_requests: list[threading.Thread] = []
+# This process's latest request, until settled (see :func:`settle_data_service_requests`); one runs at a time.
+_request: threading.Thread | None = None
 
 # (module, function) of Ray Data 2.60's get-or-create functions for its service actors.
 SERVICE_FACTORIES: tuple[tuple[str, str], ...] = (
@@ -61,27 +60,27 @@ def request_data_services() -> threading.Thread:
     """:func:`start_data_services` in a daemon thread (started, not waited for): the driver's planning goes on
     meanwhile, and the executor, if it gets there first, finds or creates the same named actors itself. While an
     earlier request is still running, that one is returned instead of starting another."""
-    running = [thread for thread in _requests if thread.is_alive()]
-    if running:
-        return running[0]
+    global _request
+    if _request is not None and _request.is_alive():
+        return _request
 
     def request() -> None:
         logger.debug("Ray Data services requested early: %s", ", ".join(start_data_services()) or "none")
 
-    thread = threading.Thread(target=request, name="ray-data-services", daemon=True)
-    _requests.append(thread)
-    thread.start()
-    return thread
+    _request = threading.Thread(target=request, name="ray-data-services", daemon=True)
+    _request.start()
+    return _request
 
 
 def settle_data_service_requests(timeout_s: float = 10.0) -> None:
-    """Wait (at most ``timeout_s`` in all) for this process's requests to end; a job calls it before it returns.
+    """Wait (at most ``timeout_s``) for this process's request to end; a job calls it before it returns.
 
     Why: a job that fails right after joining Ray, in a process that goes on (tests, a notebook) and shuts Ray down,
     must not leave a thread calling Ray behind: on the shut-down Ray it would start a new local one (Ray's auto-init)
     that the process's next ``ray.init()`` then trips over (seen in the test suite: "Failed to connect to GCS within
     60 seconds"). A request takes seconds at most, and on a job that ran it ended long before.
     """
-    deadline = time.monotonic() + timeout_s
-    while _requests:
-        _requests.pop().join(max(0.0, deadline - time.monotonic()))
+    global _request
+    if _request is not None:
+        _request.join(timeout_s)
+        _request = None
