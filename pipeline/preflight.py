@@ -141,7 +141,7 @@ def local_ray_options() -> dict[str, Any]:
 
     The tests' shared Ray once lacked the idle-worker setting: each of their jobs then waited for fresh worker
     processes for its writer tasks, 5-6 s on the 2-core test machine (a 120-image test job on a warm Ray took
-    16.7-18.2 s without it, 8.5-13.8 s with it).
+    16.7 and 18.2 s without it in two runs, 7.4-13.8 s with it in four).
     """
     return {"include_dashboard": LOCAL_RAY_INCLUDE_DASHBOARD, "_system_config": dict(LOCAL_RAY_SYSTEM_CONFIG)}
 
