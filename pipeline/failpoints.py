@@ -2,8 +2,9 @@
 
 The job calls :func:`failpoint` at a few named places (listed in :data:`POINTS`). Nothing happens unless the
 environment variable ``VIT_HYBRID_FAILPOINTS`` names that point; the variable is read once per process, so with it
-unset a call costs one dictionary lookup. Ray workers inherit the variable from the driver that started Ray (or from
-``runtime_env``), so points inside read tasks and inference actors are switched on the same way.
+unset a call costs one dictionary lookup. Ray workers inherit the variable from the driver that started Ray; a driver
+that joins a cluster hands it on in its job's ``runtime_env`` (:data:`pipeline.preflight.WORKER_SWITCHES`), so points
+inside read tasks and inference actors are switched on the same way either way.
 
 Syntax: comma-separated entries ``NAME[=N][:ACTION][@MARKER]``
 

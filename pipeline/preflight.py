@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,10 +163,39 @@ def ray_started_here() -> bool:
         return False
 
 
+# The project's switches that act inside workers (read tasks, inference actors, writer tasks), read from each
+# process's environment: fault-injection points, the placement log of the multi-node tests, the stand-in model and
+# the CPU seam for GPU actors. Workers of a Ray started in process inherit the driver's environment; workers of a
+# joined cluster have their raylet's, so a driver that joins hands these on through its job's runtime_env
+# (joined_cluster_runtime_env). Tests check that this lists every such variable the pipeline reads.
+WORKER_SWITCHES: tuple[str, ...] = (
+    "VIT_HYBRID_FAILPOINTS",
+    "VIT_HYBRID_PLACEMENT_LOG",
+    "VIT_HYBRID_STAND_IN_MODEL",
+    "VIT_HYBRID_GPU_ACTORS_ON_CPU",
+)
+
+# Set by Ray's job manager in the environment of a ``ray job submit`` entrypoint: the submitted runtime_env, which
+# Ray already applies to every worker of the job (and refuses to merge with a driver's env_vars of the same name).
+_SUBMITTED_JOB_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def joined_cluster_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``runtime_env`` a driver joining a cluster gives its job: the :data:`WORKER_SWITCHES` set in its own
+    environment, so that a failpoint or stand-in model set for a job acts in its workers whether the job started
+    Ray or joined one (without it they would be silently inert on a cluster). Empty under ``ray job submit``, whose
+    runtime_env already reaches every worker, and when no switch is set: a user's job gets no runtime_env of ours."""
+    if _SUBMITTED_JOB_VARIABLE in environ:
+        return {}
+    switches = {name: environ[name] for name in WORKER_SWITCHES if name in environ}
+    return {"env_vars": switches} if switches else {}
+
+
 def connect_ray(**init_options: Any) -> Any:
     """``ray.init()`` unless Ray is already initialised: joins ``RAY_ADDRESS`` (``ray job submit``) or starts Ray in
     process. Any failure becomes a :class:`ClusterStartError` with the cause and what to check. ``init_options``
-    (logging ones: the demo's) go to ``ray.init()`` either way."""
+    (logging ones: the demo's) go to ``ray.init()`` either way; a joining driver also hands its
+    :data:`WORKER_SWITCHES` to its workers (:func:`joined_cluster_runtime_env`)."""
     import os
 
     import ray
@@ -179,7 +209,10 @@ def connect_ray(**init_options: Any) -> Any:
         except ValueError as error:  # ray.init() found a cluster to join: its config is the cluster's own
             if "_system_config must not be provided" not in str(error):
                 raise
-            ray.init(**init_options)
+            join_options: dict[str, Any] = dict(init_options)
+            if runtime_env := joined_cluster_runtime_env(os.environ):
+                join_options["runtime_env"] = runtime_env
+            ray.init(**join_options)
     except Exception as error:
         where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start Ray in this process"
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -53,3 +53,13 @@ def ray_tmpdir() -> Iterator[str]:
     folder = short_tmpdir()
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_cluster(s3_endpoint: str) -> Iterator[str]:
+    """The address of a Ray cluster that this module's subprocess jobs may join instead of starting their own
+    (:func:`tests.reliability.running_job_cluster`); its workers see the S3 test server."""
+    from tests.reliability import running_job_cluster
+
+    with running_job_cluster() as address:
+        yield address

@@ -7,7 +7,8 @@ real: the driver dies without cleaning up. Every subprocess gets
 * ``PYTHONPATH`` = this checkout, so it works whether or not the project is pip-installed;
 * ``RAY_TMPDIR`` = a short private folder, so its Ray never joins a cluster that someone else started on this machine
   (``ray.init()`` reads ``<tmp>/ray/ray_current_cluster``) and its processes can be found by their environment;
-* ``RAY_ADDRESS=local``, for the same reason.
+* ``RAY_ADDRESS=local``, for the same reason; or the address of a module's shared job cluster
+  (:func:`running_job_cluster`) for the jobs whose own Ray is not the point.
 
 The reference corpus (six small webdataset shards on the moto S3 server) and one clean run over it are made once
 per test session and shared by the modules that compare against it (:func:`reference_job`).
@@ -15,6 +16,7 @@ per test session and shared by the modules that compare against it (:func:`refer
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import io
@@ -31,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,15 @@ SORT_KEYS = [("source", "ascending"), ("key", "ascending")]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def job_environment(ray_tmpdir: str, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """The environment of a job subprocess: this process's (S3 test variables included) plus isolation for Ray."""
+def job_environment(
+    ray_tmpdir: str, extra: Mapping[str, str | None] | None = None, *, ray_address: str = "local"
+) -> dict[str, str]:
+    """The environment of a job subprocess: this process's (S3 test variables included) plus isolation for Ray: a Ray
+    of its own (``ray_address="local"``) or the cluster at ``ray_address``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     env["RAY_TMPDIR"] = ray_tmpdir
-    env["RAY_ADDRESS"] = "local"
+    env["RAY_ADDRESS"] = ray_address
     env.pop("VIT_HYBRID_FAILPOINTS", None)
     for name, value in (extra or {}).items():
         if value is None:
@@ -74,18 +79,58 @@ def short_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="rt", dir="/tmp")
 
 
+@contextlib.contextmanager
+def running_job_cluster() -> Iterator[str]:
+    """A one-node Ray cluster on this machine, started as a job starts its own (same ``ray.init()`` options: no
+    dashboard, idle workers kept), for subprocess jobs to join through ``RAY_ADDRESS`` as under ``ray job submit``;
+    yields its address. A job that joins is spared starting Ray and Ray Data's helper actors and stopping them again:
+    a 32-image job took 27-28 s with its own Ray and 16-17 s joined on the 2-core test machine.
+
+    Its workers inherit this process's environment (the S3 test variables; ``PYTHONPATH`` is set to this checkout
+    while the node starts); a job's failpoints reach them through its runtime_env
+    (:data:`pipeline.preflight.WORKER_SWITCHES`). Tests hold one per module, not per session: ``ray stop`` (the
+    ``ray job submit`` test's teardown) ends every Ray on the machine.
+    """
+    from ray.cluster_utils import Cluster
+
+    from pipeline.preflight import local_ray_options
+
+    temp_dir = short_tmpdir()
+    python_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), python_path]))
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"temp_dir": temp_dir, **local_ray_options()})
+        cluster.wait_for_nodes()
+    finally:
+        if python_path is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = python_path
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def classify_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.classify", *args, "--log-level", "WARNING"]
 
 
 def run_job(
-    args: Sequence[str], *, ray_tmpdir: str, env: Mapping[str, str | None] | None = None, timeout_s: float = 300
+    args: Sequence[str],
+    *,
+    ray_tmpdir: str,
+    env: Mapping[str, str | None] | None = None,
+    timeout_s: float = 300,
+    ray_address: str = "local",
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m jobs.classify ARGS`` to its end; returns the finished process with stdout and stderr."""
+    """Run ``python -m jobs.classify ARGS`` to its end, in its own Ray or joining the cluster at ``ray_address``;
+    returns the finished process with stdout and stderr."""
     return subprocess.run(
         classify_command(*args),
         cwd=PROJECT_ROOT,
-        env=job_environment(ray_tmpdir, env),
+        env=job_environment(ray_tmpdir, env, ray_address=ray_address),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -93,13 +138,18 @@ def run_job(
 
 
 def start_job(
-    args: Sequence[str], *, ray_tmpdir: str, env: Mapping[str, str | None] | None = None, log: Path
+    args: Sequence[str],
+    *,
+    ray_tmpdir: str,
+    env: Mapping[str, str | None] | None = None,
+    log: Path,
+    ray_address: str = "local",
 ) -> subprocess.Popen[bytes]:
-    """Start the job and return at once; stdout and stderr go to ``log`` (a pipe nobody reads could block it)."""
+    """Start the job (in its own Ray or joining ``ray_address``) and return at once; stdout and stderr go to ``log``
+    (a pipe nobody reads could block it)."""
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it; closed when the child ends
-    return subprocess.Popen(
-        classify_command(*args), cwd=PROJECT_ROOT, env=job_environment(ray_tmpdir, env), stdout=handle, stderr=handle
-    )
+    environment = job_environment(ray_tmpdir, env, ray_address=ray_address)
+    return subprocess.Popen(classify_command(*args), cwd=PROJECT_ROOT, env=environment, stdout=handle, stderr=handle)
 
 
 def wait_for(

@@ -36,14 +36,16 @@ from tests.reliability import assert_same_output, run_job
 
 
 def test_a_dying_actor_and_a_dying_read_task_are_retried_to_the_clean_output(
-    clean_run, ray_tmpdir: str, tmp_path: Path
+    clean_run, ray_tmpdir: str, job_cluster: str, tmp_path: Path
 ) -> None:
+    # On a cluster the job joined: its failpoints reach the workers through its runtime_env.
     read_marker, actor_marker = tmp_path / "read-died", tmp_path / "actor-died"
     output = str(tmp_path / "out")
     finished = run_job(
         clean_run.args(output),
         ray_tmpdir=ray_tmpdir,
         env={"VIT_HYBRID_FAILPOINTS": f"read.batch:exit@{read_marker},infer.batch=3:exit@{actor_marker}"},
+        ray_address=job_cluster,
     )
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert read_marker.exists() and actor_marker.exists(), "a failpoint did not fire"

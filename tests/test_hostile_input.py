@@ -1,6 +1,7 @@
 """Hostile input through the whole job: every sample gives exactly one row (an error row with its reason where it
 cannot be decoded), the job never crashes, memory stays bounded, and a job whose input is mostly garbage stops
 past ``--max-error-fraction`` (exit code 3) after committing what it finished, then resumes with a higher one.
+The jobs join the module's job cluster (``tests.reliability.running_job_cluster``), as under ``ray job submit``.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def test_a_decompression_bomb_is_refused_from_its_header_with_little_memory() ->
 
 
 def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
-    model: str, s3_endpoint: str, ray_tmpdir: str, tmp_path: Path
+    model: str, s3_endpoint: str, ray_tmpdir: str, job_cluster: str, tmp_path: Path
 ) -> None:
     bucket = f"hostile-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
@@ -158,7 +159,7 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
 
     output = tmp_path / "out"
     args = ["--input", base, "--output", str(output), "--model", model, "--batch-size", "8", "--top-k", "3"]
-    aborted = run_job(args, ray_tmpdir=ray_tmpdir)
+    aborted = run_job(args, ray_tmpdir=ray_tmpdir, ray_address=job_cluster)
     assert aborted.returncode == 3, aborted.stderr[-5000:]
     assert_no_traceback(aborted.stderr)
     message = error_line(aborted.stderr)
@@ -170,7 +171,7 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     assert json.loads((book / "summary.json").read_text())["status"] == "aborted"
     stamps = {shard: (book / "commits" / f"{shard}.json").stat().st_mtime_ns for shard in committed_at_abort}
 
-    resumed = run_job([*args, "--max-error-fraction", "1.0"], ray_tmpdir=ray_tmpdir)
+    resumed = run_job([*args, "--max-error-fraction", "1.0"], ray_tmpdir=ray_tmpdir, ray_address=job_cluster)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert (book / "SUCCESS").exists()
     assert {s: (book / "commits" / f"{s}.json").stat().st_mtime_ns for s in committed_at_abort} == stamps
@@ -209,7 +210,7 @@ def test_hostile_shards_give_one_row_each_and_garbage_aborts_then_resumes(
     assert all(row["error"] is None and row["label"] is not None for row in fine)
 
 
-def test_hostile_parquet_rows_give_one_row_each(model: str, ray_tmpdir: str, tmp_path: Path) -> None:
+def test_hostile_parquet_rows_give_one_row_each(model: str, ray_tmpdir: str, job_cluster: str, tmp_path: Path) -> None:
     images = {
         "good": encode(photo(30), "JPEG"),
         "null": None,
@@ -230,6 +231,7 @@ def test_hostile_parquet_rows_give_one_row_each(model: str, ray_tmpdir: str, tmp
         ["--input", str(source.parent), "--output", str(output), "--model", model, "--batch-size", "4",
          "--max-error-fraction", "1.0"],
         ray_tmpdir=ray_tmpdir,
+        ray_address=job_cluster,
     )
     assert finished.returncode == 0, finished.stderr[-5000:]
     table = pa.concat_tables([read_table(str(output), name) for name in data_names(str(output))])

@@ -2,8 +2,8 @@
 
 Checks that need no Ray run before Ray starts, cheapest first: these tests point ``RAY_ADDRESS`` at an address Ray
 cannot parse, so a check that ran after ``ray.init()`` would end with exit code 4 instead of the expected 2. The two
-runs that reach Ray check that the exit code tells the truth for a tiny job where every sample fails, and that a
-shard that cannot be read at all is never committed as done.
+runs that reach Ray (joining the module's job cluster, as under ``ray job submit``) check that the exit code tells the
+truth for a tiny job where every sample fails, and that a shard that cannot be read at all is never committed as done.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def test_output_is_checked_before_the_model_and_the_input_before_the_weights(
 
 @pytest.mark.slow
 def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
-    tmp_path: Path, model: str, ray_tmpdir: str
+    tmp_path: Path, model: str, ray_tmpdir: str, job_cluster: str
 ) -> None:
+    # The jobs join a cluster (as under `ray job submit`): what is tested is the exit code, not starting Ray.
     # Every sample fails, in a job far below 100 samples: not a success.
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -115,6 +116,7 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     result = run_job(
         ["--input", str(bad), "--output", str(tmp_path / "out-bad"), "--model", model, "--max-error-fraction", "1.0"],
         ray_tmpdir=ray_tmpdir,
+        ray_address=job_cluster,
     )
     assert result.returncode == 3, result.stderr[-3000:]
     assert error_line(result.stderr).startswith("aborted: 3 of 3 samples failed")
@@ -126,7 +128,7 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     (mixed / "broken.tar").write_bytes(b"this was never a tar archive" * 40)
     output = tmp_path / "out-mixed"
     args = ["--input", str(mixed), "--output", str(output), "--model", model]
-    result = run_job(args, ray_tmpdir=ray_tmpdir)
+    result = run_job(args, ray_tmpdir=ray_tmpdir, ray_address=job_cluster)
     assert result.returncode == 5, result.stderr[-3000:]
     line = error_line(result.stderr)
     assert "1 shard(s) could not be read at all" in line and "broken.tar" in line and "not a readable tar" in line
@@ -135,7 +137,7 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
 
     # Once the file is fixed, the same command reads it: it was never recorded as done.
     tar_shard(mixed / "broken.tar", {"b0.jpg": jpeg(7)})
-    result = run_job(args, ray_tmpdir=ray_tmpdir)
+    result = run_job(args, ray_tmpdir=ray_tmpdir, ray_address=job_cluster)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(committed_shards(str(output))) == 2 and Path(f"{output}.job", "SUCCESS").exists()
 
@@ -172,3 +174,57 @@ def test_an_in_process_ray_has_no_dashboard_and_keeps_idle_workers_and_a_joined_
     calls.clear()
     preflight.connect_ray()
     assert calls == [started] and calls[0]["_system_config"] is not preflight.LOCAL_RAY_SYSTEM_CONFIG  # a copy
+
+
+def test_a_driver_that_joins_a_cluster_hands_its_worker_switches_to_its_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ray
+
+    from pipeline import preflight
+
+    calls: list[dict] = []
+
+    def fake_init(**kwargs: object) -> None:
+        calls.append(kwargs)
+        if kwargs.get("_system_config"):
+            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    for name in preflight.WORKER_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VIT_HYBRID_FAILPOINTS", "read.batch:exit@/tmp/marker")
+    monkeypatch.setenv("VIT_HYBRID_STAND_IN_MODEL", "0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-switch")  # only the project's switches travel
+    preflight.connect_ray(log_to_driver=False)
+    switches = {"VIT_HYBRID_FAILPOINTS": "read.batch:exit@/tmp/marker", "VIT_HYBRID_STAND_IN_MODEL": "0"}
+    assert calls[1] == {"log_to_driver": False, "runtime_env": {"env_vars": switches}}
+
+    # Under `ray job submit` the submitted runtime_env already reaches every worker (and Ray refuses a second one
+    # naming the same variables); with no switch set a job gets no runtime_env at all.
+    calls.clear()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    preflight.connect_ray()
+    assert calls[1] == {}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    for name in preflight.WORKER_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    calls.clear()
+    preflight.connect_ray()
+    assert calls[1] == {}
+
+
+def test_every_worker_side_variable_of_the_pipeline_is_a_worker_switch() -> None:
+    """A variable read inside workers that a joining driver did not hand on would be silently inert on a cluster."""
+    import re
+
+    from pipeline import compute, failpoints, infer, preflight, standin
+
+    worker_side = {failpoints.ENVIRONMENT_VARIABLE, failpoints.PLACEMENT_VARIABLE, standin.ENVIRONMENT_VARIABLE,
+                   infer.GPU_ON_CPU_VARIABLE}  # fmt: skip
+    assert set(preflight.WORKER_SWITCHES) == worker_side
+    driver_only = {compute.AUTOSCALING_CONFIG_VARIABLE}  # read by the driver when it sizes the pools
+    package = Path(preflight.__file__).parent
+    named = {name for path in package.rglob("*.py") for name in re.findall(r"VIT_HYBRID_[A-Z_]+", path.read_text())}
+    assert named == worker_side | driver_only, named ^ (worker_side | driver_only)

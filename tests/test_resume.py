@@ -1,8 +1,9 @@
 """Kill the job (SIGKILL, as an OOM kill or a lost node would) at each stage, rerun the same command, and get exactly
 the clean run's output: the same files with the same rows, every committed shard left untouched.
 
-The job runs as ``python -m jobs.classify`` in a subprocess with its own in-process Ray (tests/reliability.py), so
-the SIGKILL takes the driver and, through Ray's fate sharing, the whole local cluster down with it. The stages are
+The job runs as ``python -m jobs.classify`` in a subprocess (tests/reliability.py), at alternate stages with its own
+in-process Ray, which the SIGKILL takes down with the driver through Ray's fate sharing, and joined to a cluster that
+outlives the driver and ends the dead job's workers (as under ``ray job submit``). The stages are
 hit deterministically with :mod:`pipeline.failpoints`: a read task, an inference actor or a finalize task (between
 publishing a shard's data files and writing its commit record) pauses at a named point (the test waits for its
 marker file, then kills the driver from outside), or the driver kills itself between the manifest and ``SUCCESS``.
@@ -87,17 +88,21 @@ def files_of_committed_shards(output: str) -> list[str]:
     return names
 
 
-# (stage, failpoints, how the driver dies): "pause" points are waited for and the driver killed from outside;
-# the others make the driver SIGKILL itself.
+# (stage, failpoints, how the driver dies, where the job runs): "pause" points are waited for and the driver killed
+# from outside; the others make the driver SIGKILL itself. "own": the job's own in-process Ray, which dies with the
+# driver; "cluster": the module's job cluster, which outlives the driver and ends its job's workers, as a cluster
+# under `ray job submit` does.
 STAGES = [
-    ("reading", "read.batch=1:pause@{marker}", "external"),
-    ("inference", "infer.batch=5:pause@{marker}", "external"),
-    ("writing", "commit.before_record:pause@{marker}", "external"),
-    ("finishing", "finish.before_success", "self"),
+    ("reading", "read.batch=1:pause@{marker}", "external", "own"),
+    ("inference", "infer.batch=5:pause@{marker}", "external", "cluster"),
+    ("writing", "commit.before_record:pause@{marker}", "external", "own"),
+    ("finishing", "finish.before_success", "self", "cluster"),
 ]
 
 
-def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, orphans, tmp_path: Path) -> None:
+def test_killed_at_every_stage_then_resumed_gives_the_clean_output(
+    clean_run, orphans, job_cluster: str, tmp_path: Path
+) -> None:
     watch, folders = orphans
 
     def ray_tmpdir() -> str:
@@ -106,7 +111,7 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, or
 
     output = str(tmp_path / "out")
     args = clean_run.args(output)
-    for stage, failpoints, death in STAGES:
+    for stage, failpoints, death, where in STAGES:
         before = files_of_committed_shards(output) if Path(output).exists() else []
         stamps = modification_times(output, before)
         marker = tmp_path / f"{stage}.marker"
@@ -115,6 +120,7 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, or
             ray_tmpdir=ray_tmpdir(),
             env={"VIT_HYBRID_FAILPOINTS": failpoints.format(marker=marker)},
             log=tmp_path / f"{stage}.log",
+            ray_address=job_cluster if where == "cluster" else "local",
         )
         if death == "external":
             wait_for(marker.exists, timeout_s=180, what=f"the {stage} failpoint", process=process)
@@ -143,7 +149,8 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(clean_run, or
 
     before = files_of_committed_shards(output)
     stamps = modification_times(output, before)
-    finished = run_job(args, ray_tmpdir=ray_tmpdir())  # at once: the killed run's leftover Ray may still be alive
+    # At once: the last killed run's job may still be ending on the cluster.
+    finished = run_job(args, ray_tmpdir=ray_tmpdir(), ray_address=job_cluster)
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert modification_times(output, before) == stamps
     assert_same_output(output, clean_run.output)
