@@ -116,6 +116,43 @@ def test_output_records_provenance_and_summary(local_ray: None, checkpoint: str,
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
 
 
+def test_the_demo_classifies_its_sample_photos_and_ends_with_a_similarity_lookup(
+    local_ray: None, checkpoint: str, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m jobs.demo``, the README's first command, on this module's Ray with the small checkpoint (the
+    default, a random full-size one, costs minutes on two cores): the shards of real photographs plus the planted
+    broken JPEG give one row each, and the report shows the layout, top-3 rows, the error row and a lookup."""
+    import logging
+
+    import ray.data
+
+    from jobs import demo
+
+    # The demo quiets Ray and this project's loggers for its own output: none of that may outlive the test.
+    context = ray.data.DataContext.get_current()
+    for name in ("enable_progress_bars", "print_on_execution_start"):
+        monkeypatch.setattr(context, name, getattr(context, name))
+    monkeypatch.delenv("RAY_BACKEND_LOG_LEVEL", raising=False)
+    quieted = ("ray", "ray.data", "ray.data._internal", "pipeline", "model")
+    levels = {name: logging.getLogger(name).level for name in quieted}
+    try:
+        assert demo.main(["--model", checkpoint, "--workdir", str(tmp_path), "--shards", "1",
+                          "--images-per-shard", "6", "--rows", "4"]) == 0
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    report = capsys.readouterr().out
+    assert "Classifying 2 WebDataset shards" in report and "RANDOM WEIGHTS" not in report
+    assert "succeeded: 7 samples, 1 errors" in report  # six photos and the planted broken download
+    assert "predictions/" in report and "predictions.job/" in report and "(error rows, Parquet)" in report
+    assert "Top-3 predictions (first 4 of 7 rows):" in report
+    assert "Error rows (1; planted: 'broken-download'" in report and "  broken-download    error: " in report
+    lookup = report[report.index("Images most similar to"):].splitlines()
+    assert len(lookup) == 4 and all(" cosine " in line for line in lookup[1:]), lookup
+    assert read_output(str(tmp_path / "predictions")).num_rows == 7
+
+
 def test_ray_data_services_are_started_early_as_ray_data_names_them(local_ray: None) -> None:
     """pipeline.dataservices asks for the very actors Ray Data's executor looks up (same names and namespaces)."""
     import ray
