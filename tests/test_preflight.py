@@ -142,35 +142,43 @@ def test_exit_codes_tell_the_truth_for_tiny_jobs_and_unreadable_shards(
     assert len(committed_shards(str(output))) == 2 and Path(f"{output}.job", "SUCCESS").exists()
 
 
+class RecordedRayInit:
+    """``ray.init()`` replaced by a recorder of its keyword arguments; while ``joining``, it refuses a
+    ``_system_config`` as Ray does when it finds a cluster to join."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ray
+
+        self.calls: list[dict] = []
+        self.joining = False
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", self)
+
+    def __call__(self, **kwargs: object) -> None:
+        self.calls.append(kwargs)
+        if kwargs.get("_system_config") and self.joining:
+            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
+
+
 def test_an_in_process_ray_has_no_dashboard_and_keeps_idle_workers_and_a_joined_cluster_keeps_its_own_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ray
-
     from pipeline import preflight
 
-    calls: list[dict] = []
-
-    def fake_init(**kwargs: object) -> None:
-        calls.append(kwargs)
-        if kwargs.get("_system_config") and joining:
-            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", fake_init)
-    joining = False
+    init = RecordedRayInit(monkeypatch)
+    calls = init.calls
     preflight.connect_ray()
     started = {"include_dashboard": False, "_system_config": preflight.LOCAL_RAY_SYSTEM_CONFIG}
     assert calls == [started]
     assert preflight.LOCAL_RAY_SYSTEM_CONFIG["idle_worker_killing_time_threshold_ms"] >= 30_000
     calls.clear()
-    joining = True
+    init.joining = True
     preflight.connect_ray()
     assert calls == [started, {}]  # joined with the cluster's own config and dashboard
     calls.clear()
     preflight.connect_ray(log_to_driver=False)  # the demo's logging options go to either call
     assert calls == [{**started, "log_to_driver": False}, {"log_to_driver": False}]
-    joining = False
+    init.joining = False
     calls.clear()
     preflight.connect_ray()
     assert calls == [started] and calls[0]["_system_config"] is not preflight.LOCAL_RAY_SYSTEM_CONFIG  # a copy
@@ -179,19 +187,11 @@ def test_an_in_process_ray_has_no_dashboard_and_keeps_idle_workers_and_a_joined_
 def test_a_driver_that_joins_a_cluster_hands_its_worker_switches_to_its_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import ray
-
     from pipeline import preflight
 
-    calls: list[dict] = []
-
-    def fake_init(**kwargs: object) -> None:
-        calls.append(kwargs)
-        if kwargs.get("_system_config"):
-            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", fake_init)
+    init = RecordedRayInit(monkeypatch)
+    init.joining = True
+    calls = init.calls
     for name in preflight.WORKER_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VIT_HYBRID_FAILPOINTS", "read.batch:exit@/tmp/marker")
