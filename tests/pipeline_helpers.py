@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from PIL import Image
 
 from model import ViTHybridForImageClassification, ViTHybridImageProcessor
 from tests.corpus import Sample
+from tests.reliability import checkout_python_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,10 @@ def start_local_ray() -> None:
 
     from pipeline.preflight import local_ray_options
 
-    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",  # a new local Ray even when someone has a cluster running on this machine
         num_cpus=2,
-        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        runtime_env={"env_vars": {"PYTHONPATH": checkout_python_path()}},
         logging_level="WARNING",
         **local_ray_options(),  # as a job's own Ray: no dashboard, idle workers kept for the next task
     )

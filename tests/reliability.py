@@ -56,13 +56,19 @@ SORT_KEYS = [("source", "ascending"), ("key", "ascending")]
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def checkout_python_path() -> str:
+    """``PYTHONPATH`` with this checkout first, so that a child process or a Ray worker imports the code under test
+    whether or not the project is pip-installed."""
+    return os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def job_environment(
     ray_tmpdir: str, extra: Mapping[str, str | None] | None = None, *, ray_address: str = "local"
 ) -> dict[str, str]:
     """The environment of a job subprocess: this process's (S3 test variables included) plus isolation for Ray: a Ray
     of its own (``ray_address="local"``) or the cluster at ``ray_address``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = checkout_python_path()
     env["RAY_TMPDIR"] = ray_tmpdir
     env["RAY_ADDRESS"] = ray_address
     env.pop("VIT_HYBRID_FAILPOINTS", None)
@@ -97,7 +103,7 @@ def running_job_cluster() -> Iterator[str]:
 
     temp_dir = short_tmpdir()
     python_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), python_path]))
+    os.environ["PYTHONPATH"] = checkout_python_path()
     try:
         cluster = Cluster(initialize_head=True, head_node_args={"temp_dir": temp_dir, **local_ray_options()})
         cluster.wait_for_nodes()

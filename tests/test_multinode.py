@@ -23,6 +23,7 @@ from tests.corpus import make_samples, write_webdataset
 from tests.reliability import (
     PROJECT_ROOT,
     assert_same_output,
+    checkout_python_path,
     classify_command,
     committed_shards,
     job_environment,
@@ -41,7 +42,7 @@ def cluster():
     stage fit on one), in a private temp dir."""
     from ray.cluster_utils import Cluster
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = checkout_python_path()
     # Workers inherit the environment of the process that starts the raylets (this one), not the joining driver's.
     os.environ["VIT_HYBRID_STAND_IN_MODEL"] = "0"
     temp_dir = short_tmpdir()
