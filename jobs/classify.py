@@ -1,8 +1,7 @@
 """`python -m jobs.classify --help`: classification job over image shards; see jobs/cli.py for the flags."""
 
-import sys
-
 from jobs.cli import main
+from jobs.shutdown import exit_after
 
 if __name__ == "__main__":
-    sys.exit(main("classify"))
+    exit_after(main("classify"))

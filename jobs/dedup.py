@@ -9,9 +9,9 @@ of two or more.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jobs.search_common import add_common_flags, run
+from jobs.shutdown import exit_after
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

@@ -12,7 +12,6 @@ import argparse
 import io
 import logging
 import os
-import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image
 from fixtures.checkpoints import random_full_size_checkpoint
 from fixtures.photos import SAMPLE_PHOTOS, photo_variants, sample_photographs
 from fixtures.shards import write_photo_shards as write_sample_shards
+from jobs.shutdown import exit_after
 
 __all__ = [
     "SAMPLE_PHOTOS", "main", "photo_variants", "random_full_size_checkpoint", "sample_photographs", "write_sample_shards",
@@ -171,4 +171,4 @@ def _report(summary_line: str, output: Path, photos: dict[str, str], bad_key: st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

@@ -1,8 +1,7 @@
 """`python -m jobs.embed --help`: embed job over image shards; see jobs/cli.py for the flags."""
 
-import sys
-
 from jobs.cli import main
+from jobs.shutdown import exit_after
 
 if __name__ == "__main__":
-    sys.exit(main("embed"))
+    exit_after(main("embed"))

@@ -9,9 +9,9 @@ See search/runner.py for the steps and search/choice.py for the choice of index.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jobs.search_common import add_common_flags, run
+from jobs.shutdown import exit_after
 from search.build import RECALL_TARGET
 from search.choice import DEFAULT_MAX_INDEX_MEMORY, METRICS, parse_memory
 
@@ -57,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

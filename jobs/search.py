@@ -9,12 +9,12 @@ as Parquet with columns ``query, rank, key, source, score``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import pyarrow as pa
 
 from jobs.search_common import add_common_flags, run
+from jobs.shutdown import exit_after
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_after(main())

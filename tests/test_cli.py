@@ -51,3 +51,31 @@ def test_invalid_settings_are_refused() -> None:
         JobConfig(task="classify", input="a", output="b", model="c", max_error_fraction=1.5)
     with pytest.raises(SystemExit):
         build_parser("classify").parse_args([*REQUIRED, "--dtype", "int8"])
+
+
+def test_a_command_that_succeeded_lets_go_of_ray_itself_and_one_that_failed_leaves_it_to_rays_exit_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a success the command disconnects from Ray itself (Ray's exit hook would first sleep 0.5 s); after a
+    failure Ray's hook does it, with its wait for the workers' last log lines; without Ray, nothing is asked of it."""
+    import sys
+    import types
+
+    from jobs.shutdown import exit_after
+
+    calls: list[str] = []
+    connected = types.SimpleNamespace(is_initialized=lambda: True, shutdown=lambda: calls.append("shutdown"))
+    monkeypatch.setitem(sys.modules, "ray", connected)
+    for code, expected in ((2, []), (3, []), (0, ["shutdown"])):
+        with pytest.raises(SystemExit) as ended:
+            exit_after(code)
+        assert ended.value.code == code and calls == expected
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False, shutdown=calls.clear))
+    with pytest.raises(SystemExit):
+        exit_after(0)
+    assert calls == ["shutdown"]  # not connected: shutdown (here: clearing the record) was not called
+    monkeypatch.delitem(sys.modules, "ray")
+    with pytest.raises(SystemExit) as ended:
+        exit_after(0)
+    assert ended.value.code == 0 and "ray" not in sys.modules  # a command that never used Ray does not import it
