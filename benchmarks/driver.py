@@ -160,10 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray.cluster_utils import Cluster
 
     from benchmarks.measures import hardware_summary
+    from fixtures.checkout import CHECKOUT_ROOT, checkout_python_path
     from pipeline.cpu import detect_cpu_capabilities
 
-    root = Path(__file__).resolve().parents[1]
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = checkout_python_path()
     os.environ["VIT_HYBRID_STAND_IN_MODEL"] = "0"
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")
     cluster = Cluster(
@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 command = [sys.executable, "-m", "benchmarks.driver", "--child", "--address", cluster.address,
                            "--input", shards, "--output", str(Path(folder, f"out-{images}")), "--model", model,
                            "--batch-size", str(args.batch_size)]  # fmt: skip
-                runs[images] = _run_child(command, root, f"the {images}-image job")
+                runs[images] = _run_child(command, CHECKOUT_ROOT, f"the {images}-image job")
         command = [sys.executable, "-m", "benchmarks.driver", "--child", "--address", cluster.address,
                    "--idle", str(args.idle_seconds)]  # fmt: skip
-        idle = _run_child(command, root, "the idle driver")
+        idle = _run_child(command, CHECKOUT_ROOT, "the idle driver")
     finally:
         cluster.shutdown()
     small, large = runs[args.images], runs[4 * args.images]

@@ -18,18 +18,17 @@ import os
 import tarfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from benchmarks import measures as benchmarking
 from benchmarks.load import CpuLoadMonitor
 from benchmarks.measures import EncodedImage
 from benchmarks.stages import BenchmarkContext, BenchmarkSettings
+from fixtures.checkout import checkout_python_path
 
 logger = logging.getLogger(__name__)
 
 NEEDS: tuple[str, ...] = ("inputs",)
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 5
 
 def write_mixed_shards(
@@ -76,7 +75,7 @@ def local_ray(num_cpus: float) -> Iterator[float]:
     import ray
 
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), saved]))
+    os.environ["PYTHONPATH"] = checkout_python_path()
     try:
         from pipeline.preflight import local_ray_options
 

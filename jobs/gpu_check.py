@@ -597,7 +597,9 @@ def section_compiled(settings: CheckSettings, flops_per_image: float, budget_s: 
             sys.executable, "-m", "jobs.gpu_check", "--compiled-child", str(partial),
             "--settings-json", json.dumps(asdict(settings)), "--flops-per-image", repr(flops_per_image),
         ]
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        from fixtures.checkout import checkout_python_path
+
+        environment = {**os.environ, "PYTHONPATH": checkout_python_path()}
         started = time.monotonic()
         timed_out = False
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -11,9 +11,9 @@ import pyarrow.dataset as pads
 import torch
 from PIL import Image
 
+from fixtures.checkout import checkout_python_path
 from model import ViTHybridForImageClassification, ViTHybridImageProcessor
 from tests.corpus import Sample
-from tests.reliability import checkout_python_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fixtures.checkout import checkout_python_path
 from tests.corpus import Sample, make_samples, write_webdataset
 from tests.reference import small_config_dict, write_reference_checkpoint
 
@@ -54,12 +55,6 @@ SORT_KEYS = [("source", "ascending"), ("key", "ascending")]
 # --------------------------------------------------------------------------------------------------------------------
 # Jobs as subprocesses
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def checkout_python_path() -> str:
-    """``PYTHONPATH`` with this checkout first, so that a child process or a Ray worker imports the code under test
-    whether or not the project is pip-installed."""
-    return os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def job_environment(

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.checkout import checkout_python_path
 from tests.corpus import make_samples, write_webdataset
 from tests.reliability import (
     PROJECT_ROOT,
     assert_same_output,
-    checkout_python_path,
     classify_command,
     committed_shards,
     job_environment,
