@@ -46,7 +46,9 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         decode_images_per_s_per_core=mix["fast"],
         decode_cpus=job["decode_cpus"],
         end_to_end_images_per_s=job["images_per_s"],
-        measured_pool_images_per_s=(model.get("pool") or {}).get("images_per_s"),
+        measured_pool_images_per_s=max(
+            (layout["images_per_s"] for layout in (model.get("pool"), model.get("processes")) if layout), default=None
+        ),
     )
     peak = settings.peak_tflops or (
         benchmarking.peak_tflops_for(results["hardware"]["gpu"], model["dtype"]) if settings.device == "cuda" else None

@@ -165,7 +165,8 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "input_mb": written["input_bytes"] / 1e6,
         "input_mb_per_s": written["input_bytes"] / 1e6 / job["seconds"] if job["seconds"] else None,
         "cpus_per_actor": settings.cpus_per_actor or (sizing["cpus_per_actor"] if sizing else 1.0),
-        "actors": sizing["actors"] if sizing and settings.cpus_per_actor is None else settings.actors,
+        "actors": settings.actors,  # on a CPU node: one, holding every inference core (pipeline.cpu.size_cpu_node)
+        "calls_per_actor": sizing["calls_per_actor"] if sizing and settings.cpus_per_actor is None else 1,
         "decode_cpus": settings.decode_cpus or (sizing["decode_cpus_per_task"] * sizing["decode_tasks"] if sizing else 1.0),
         "flags": "defaults (sized by pipeline.cpu)" if settings.device == "cpu" and settings.cpus_per_actor is None
         else "as given",

@@ -381,8 +381,12 @@ def format_report(results: Mapping[str, Any]) -> str:
     ]
     if model.get("pool"):
         pool = model["pool"]
-        lines.append(f"   the job's pool     {_rate(pool['images_per_s']):>10} images/s   ({pool['actors']} actors x "
-                     f"{pool['torch_threads']} thread(s), side by side, {len(pool['batch_seconds'][0])} timed batches each)")
+        lines.append(f"   the job's actor    {_rate(pool['images_per_s']):>10} images/s   ({pool['lanes']} calls at once x "
+                     f"{pool['torch_threads']} thread(s) in one process, {len(pool['batch_seconds'][0])} timed batches each)")
+    if model.get("processes"):
+        separate = model["processes"]
+        lines.append(f"   separate processes {_rate(separate['images_per_s']):>10} images/s   ({separate['processes']} "
+                     f"processes x {separate['torch_threads']} thread(s), side by side, the same cores)")
     if model.get("cpu_over_wall") is not None:
         lines.append(f"   CPU time / wall    {model['cpu_over_wall']:>10.2f}            (with {model['torch_threads']} "
                      f"thread(s); lower means the cores were shared)")
@@ -421,14 +425,15 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"3. end to end ({e2e['storage']} -> decode tasks -> inference actors -> Parquet in {e2e['storage']})",
         f"   {e2e['images']} images ({e2e['phone_images']} phone), {e2e['shards']} shards of {e2e['images_per_shard']}, "
         f"{e2e['input_mb']:.1f} MB; {bounds['decode_cpus']:g} decode CPU(s), {e2e.get('actors', bounds['actors'])} actor(s) x "
-        f"{e2e['cpus_per_actor']:g} CPU{' + 1 GPU' if model['device'] == 'cuda' else ''}",
+        f"{e2e['cpus_per_actor']:g} CPU{' + 1 GPU' if model['device'] == 'cuda' else ''}"
+        + (f", {e2e['calls_per_actor']} calls at once" if e2e.get("calls_per_actor", 1) > 1 else ""),
         f"   job                {e2e['seconds']:>10.1f} s -> {_rate(e2e['images_per_s'])} images/s "
         f"({e2e['samples']} samples, {e2e['errors']} errors, {e2e['shards_committed']} shards committed; "
         f"status {e2e['status']})",
         "",
         "4. bounds",
         f"   model pool         {_rate(bounds['model_pool_images_per_s']):>10} images/s   "
-        + (f"(the faster of one actor x {bounds['actors']} and the job's pool)" if model.get("pool")
+        + (f"(the fastest of one actor x {bounds['actors']}, the job's actor and separate processes)" if model.get("pool")
            else f"({_rate(bounds['model_images_per_s_per_actor'])} x {bounds['actors']} actor(s))"),
         f"   decode capacity    {_rate(bounds['decode_capacity_images_per_s']):>10} images/s   "
         f"({_rate(bounds['decode_images_per_s_per_core'])} per core, fast path, x {bounds['decode_cpus']:g} CPU(s))",

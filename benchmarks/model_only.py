@@ -3,13 +3,13 @@ uses -- its construction time (the actor start-up: model load and warm-up), imag
 :func:`pipeline.infer.predict` on a uint8 batch already on the device after warm-up batches, FLOPs per image, and
 whether the fast decode path changes what the model says (against a +-1-noise control).
 
-Dtype is the job's: on a CPU, the dtype ``auto`` resolves to on this node. On a CPU two layouts of the model are timed,
-and the faster is the bound "end to end / model only" is judged against:
+Dtype is the job's: on a CPU, the dtype ``auto`` resolves to on this node. On a CPU three layouts of the model are
+timed, and the fastest is the bound "end to end / model only" is judged against:
 
-* one actor with one torch thread per core the job gives inference (what one process can do alone);
-* the pool the job itself runs (:func:`pipeline.cpu.size_cpu_node` with this node's memory: on a small node one
-  single-threaded actor per core), as that many processes side by side, timed over the same window
-  (:func:`time_cpu_pool`).
+* one actor with one torch thread per core the job gives inference (one call on every thread);
+* the actor the job itself runs (:func:`pipeline.cpu.size_cpu_node` with this node's memory: on a small node one
+  single-threaded call per core, all at once in one process), timed over one window (:func:`time_cpu_pool`);
+* the same cores as one single-threaded process each, side by side (the layout the job used before its lanes).
 """
 
 from __future__ import annotations
@@ -88,43 +88,63 @@ def job_cpu_sizing(model_uri: str, *, node_cpus: float, dtype: str, batch_size: 
 
     estimate = actor_memory_estimate(ViTHybridConfig.from_pretrained(model_uri), ViTHybridImageProcessor.from_pretrained(model_uri),
                                      checkpoint_fingerprint(model_uri).parameters)
-    return cpu.size_cpu_node(node_cpus, node_memory_bytes=node_memory_bytes(), actor_memory_bytes=estimate(dtype, batch_size))
+    return cpu.size_cpu_node(node_cpus, node_memory_bytes=node_memory_bytes(),
+                             actor_memory=lambda calls: estimate(dtype, batch_size, calls))
+
+
+def _in_lanes(lanes: int, work: Any) -> list[list[float]]:
+    """``work(out)`` in ``lanes`` threads at once (each appends batch times to its own list); the lists."""
+    import threading
+
+    outs: list[list[float]] = [[] for _ in range(lanes)]
+    threads = [threading.Thread(target=work, args=(out,)) for out in outs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outs
 
 
 def _pool_member(
-    model_uri: str, dtype: str, threads: int, pixels: np.ndarray, warmup: int, iterations: int, barrier: Any, results: Any
+    model_uri: str, dtype: str, threads: int, lanes: int, pixels: np.ndarray, warmup: int, iterations: int,
+    barrier: Any, results: Any,
 ) -> None:
-    """One process of :func:`time_cpu_pool`: build the actor, warm up, wait for the others, then time."""
+    """One process of :func:`time_cpu_pool`: build the actor, warm up every lane, wait for the others, then time."""
     from pipeline.actor import InferenceSettings
     from pipeline.infer import BatchInference
 
     actor = BatchInference(InferenceSettings(
-        model_uri=model_uri, task="classify", top_k=TOP_K, dtype=dtype, device="cpu", torch_threads=threads
+        model_uri=model_uri, task="classify", top_k=TOP_K, dtype=dtype, device="cpu", torch_threads=threads,
+        compute_lanes=lanes,
     ))
     batch = torch.from_numpy(pixels)
-    time_predict(actor, batch, warmup=warmup, iterations=0)
+    _in_lanes(lanes, lambda out: out.extend(time_predict(actor, batch, warmup=warmup, iterations=0)))
     barrier.wait()
     started = time.time()
-    seconds = time_predict(actor, batch, warmup=0, iterations=iterations)
+    seconds = _in_lanes(lanes, lambda out: out.extend(time_predict(actor, batch, warmup=0, iterations=iterations)))
     results.put({"started": started, "ended": time.time(), "batch_seconds": seconds})
 
 
 def time_cpu_pool(
-    model_uri: str, *, dtype: str, actors: int, threads: int, pixels: np.ndarray, warmup: int, iterations: int
+    model_uri: str, *, dtype: str, processes: int, lanes: int, threads: int, pixels: np.ndarray, warmup: int,
+    iterations: int,
 ) -> dict[str, Any]:
-    """Images/s of ``actors`` model processes of ``threads`` threads each running at once, as the job's CPU pool does.
+    """Images/s of ``processes`` model processes, each computing ``lanes`` batches at once on ``threads`` intra-op
+    threads each, all running at once: the job's CPU actor is one process of single-threaded lanes; one
+    single-threaded process per core is the layout it replaced, timed as the other way to fill the same cores.
 
     Each process (spawned fresh, with this process's environment and so the actors' allocator) loads the model and
-    warms up; they start timing together and the pool's rate is all their images over the window from the first
-    start to the last end.
+    warms up every lane; they start timing together and the pool's rate is all their images over the window from
+    the first start to the last end.
     """
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(actors), context.Queue()
+    barrier, results = context.Barrier(processes), context.Queue()
     members = [
-        context.Process(target=_pool_member, args=(model_uri, dtype, threads, pixels, warmup, iterations, barrier, results))
-        for _ in range(actors)
+        context.Process(target=_pool_member,
+                        args=(model_uri, dtype, threads, lanes, pixels, warmup, iterations, barrier, results))
+        for _ in range(processes)
     ]
     for member in members:
         member.start()
@@ -132,11 +152,12 @@ def time_cpu_pool(
     for member in members:
         member.join()
     window = max(report["ended"] for report in reports) - min(report["started"] for report in reports)
-    images = actors * iterations * len(pixels)
+    images = processes * lanes * iterations * len(pixels)
     return {
-        "actors": actors,
+        "processes": processes,
+        "lanes": lanes,
         "torch_threads": threads,
-        "batch_seconds": [report["batch_seconds"] for report in reports],
+        "batch_seconds": [lane for report in reports for lane in report["batch_seconds"]],
         "window_s": window,
         "images_per_s": images / window,
     }
@@ -268,15 +289,16 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
     if settings.device == "cuda":
         torch.cuda.empty_cache()
     torch.set_num_threads(threads_before)
-    pool, sizing = None, None
+    pool, processes, sizing = None, None, None
     if settings.device == "cpu":
         sizing = job_cpu_sizing(shared["model_uri"], node_cpus=settings.ray_cpus, dtype=settings.dtype,
                                 batch_size=settings.batch_size)
-        if sizing.actors > 1 and settings.cpus_per_actor is None:
-            pool = time_cpu_pool(
-                shared["model_uri"], dtype=settings.dtype, actors=sizing.actors, threads=sizing.torch_threads,
-                pixels=pixels.numpy(), warmup=settings.warmup_batches, iterations=max(2, settings.timed_batches // 2),
-            )
+        if sizing.calls_per_actor > 1 and settings.cpus_per_actor is None:
+            layout = {"dtype": settings.dtype, "threads": sizing.torch_threads, "pixels": pixels.numpy(),
+                      "warmup": settings.warmup_batches, "iterations": max(2, settings.timed_batches // 2)}
+            # The job's actor (its lanes in one process), then the same cores as one process per lane.
+            pool = time_cpu_pool(shared["model_uri"], processes=1, lanes=sizing.calls_per_actor, **layout)
+            processes = time_cpu_pool(shared["model_uri"], processes=sizing.calls_per_actor, lanes=1, **layout)
     del pixels
     return {
         "config": context.results["inputs"]["config"],
@@ -295,5 +317,6 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         "load": model_load.to_dict(),
         "checkpoint_location": settings.storage,
         "job_sizing": sizing.to_dict() if sizing is not None else None,  # CPU: pipeline.cpu.size_cpu_node, memory too
-        "pool": pool,  # CPU: the job's pool of single-threaded actors timed side by side (None: one actor)
+        "pool": pool,  # CPU: the job's actor, its single-threaded lanes computing at once (None: one lane)
+        "processes": processes,  # CPU: the same cores as one single-threaded process each (None: one lane)
     }

@@ -35,6 +35,7 @@ class InferenceSettings:
     embedding_dtype: str = "float32"
     normalize_embeddings: bool = False
     torch_threads: int | None = None
+    compute_lanes: int = 1  # model calls that compute at once: 1 on a GPU (one device), CPU: the sizing's calls
     channels_last: bool = True
     batch_size: int | None = None  # rows per model call when pad_to_batch; larger batches are run in pieces
     pad_to_batch: bool = False  # fixed shapes: pad every model call to batch_size rows
@@ -64,16 +65,19 @@ class InferenceActor:
         return self.inference(batch)
 
 
-def actor_pool_arguments(use_gpu: bool = True) -> dict[str, Any]:
+def actor_pool_arguments(use_gpu: bool = True, *, cpu_calls: int = 1) -> dict[str, Any]:
     """The ``ActorPoolStrategy`` keywords for the inference pool.
 
     GPU actors take :data:`CONCURRENT_CALLS` calls at once, so that host work overlaps compute (:mod:`pipeline.infer`).
-    CPU actors take one batch at a time and are sent no other: their batches reach the model without a copy, so
-    there is no host work to hide, and on a CPU node of several single-threaded actors a batch queued behind a
-    running one (Ray Data queues up to twice the concurrency by default) idles while another actor, still starting
-    or just finished, waits for work. Measured on a 2-core node with two one-thread actors: with two calls per actor
+    A CPU actor takes ``cpu_calls`` batches at once, each computed in its own thread (the node's cores as concurrent
+    single-threaded model calls, :func:`pipeline.cpu.size_cpu_node`), and is sent no more than it computes: its
+    batches reach the model without a copy, so there is no host work to hide, and a batch queued behind running ones
+    (Ray Data queues up to twice the concurrency by default) would idle while another actor, still starting or just
+    finished, waits for work. Measured on a 2-core node with two one-thread actors: with two calls queued per actor
     one actor took both batches of a 32-image job and the node ran at 1.25 of its 2 cores.
     """
     if not use_gpu:
-        return {"max_concurrent_calls_per_actor": 1, "max_tasks_in_flight_per_actor": 1}
+        calls = max(1, cpu_calls)
+        return {"max_concurrent_calls_per_actor": calls, "max_tasks_in_flight_per_actor": calls,
+                "enable_true_multi_threading": calls > 1}
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}

@@ -19,9 +19,9 @@ edges. With GPUs reachable, the pool's maximum is the GPUs reachable divided by 
 waiting for Ray Data to discover pending actors one scale-up step at a time.
 
 Without GPUs, the CPU nodes decide: ``auto`` is the dtype a CPU node computes natively (:mod:`pipeline.cpu`, probed on
-such a node), and each node's CPUs are split between single-threaded inference actors (as many as its memory holds)
-and the decode tasks by the measured cost of each stage (:func:`pipeline.cpu.size_cpu_node`), so that every core is
-busy.
+such a node), and each node's CPUs are split between one inference actor, running as many single-threaded model calls
+at once as the node has cores for and its memory holds, and the decode tasks, by the measured cost of each stage
+(:func:`pipeline.cpu.size_cpu_node`), so that every core is busy.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class ComputePlan:
     min_actors: int
     max_actors: int
     actor_resources: dict[str, float] = field(default_factory=dict)  # num_gpus / num_cpus per actor
-    torch_threads: int | None = None  # CPU actors only
+    torch_threads: int | None = None  # CPU actors only: intra-op threads of each model call
+    calls_per_actor: int = 1  # CPU actors: model calls an actor runs at once (GPU actors: one; see pipeline.actor)
     actor_env: dict[str, str] = field(default_factory=dict)  # environment of each actor process (CPU: the allocator)
     decode_cpus: float = 1.0  # CPUs reserved per decode task
     pad_to_batch: bool = False
@@ -99,17 +100,21 @@ def uses_gpu(config: JobConfig, cluster: ClusterView) -> bool:
     return config.device != "cpu" and max(cluster.gpus_now, cluster.gpus_reachable) > 0
 
 
-def decide_compute(config: JobConfig, cluster: ClusterView, actor_memory: Callable[[str, int], int] | None = None) -> ComputePlan:
+def decide_compute(
+    config: JobConfig, cluster: ClusterView, actor_memory: Callable[[str, int, int], int] | None = None
+) -> ComputePlan:
     """The device, dtype, batch and pool for ``config`` on ``cluster``. Pure.
 
     ``auto`` uses GPUs when the cluster has or can reach any; the pool may grow to the GPUs reachable (one actor per
     ``gpus_per_actor``), never beyond ``--max-actors``. Raises :class:`ComputeError` for ``--device cuda`` on a
     cluster that has no GPU and cannot get one.
 
-    On CPU-only clusters each node gets as many single-threaded actors as its cores and memory allow
-    (:func:`pipeline.cpu.size_cpu_node`); ``actor_memory(dtype, batch_size)`` says what one actor needs in bytes
-    (:func:`pipeline.cpu.actor_memory_bytes` for the job's model), and each actor reserves it. The pool is fixed at
-    that size: the cores are there from the start, and growing the pool under load would only delay using them.
+    On CPU-only clusters each node gets one actor running as many single-threaded model calls at once as its cores
+    and memory allow (:func:`pipeline.cpu.size_cpu_node`); ``actor_memory(dtype, batch_size, calls)`` says what the
+    actor needs in bytes (:func:`pipeline.cpu.actor_memory_bytes` for the job's model), and it reserves that. The
+    pool is fixed at one actor per node: the cores are there from the start, and growing the pool under load would
+    only delay using them. ``--cpus-per-actor`` and ``--compile`` run one call at a time on all the actor's threads
+    (a compiled graph is not called from several threads at once).
     """
     reachable = max(cluster.gpus_now, cluster.gpus_reachable)
     if config.device == "cuda" and reachable <= 0:
@@ -134,22 +139,26 @@ def decide_compute(config: JobConfig, cluster: ClusterView, actor_memory: Callab
             pad_to_batch=True,
             gpus_to_request=wanted_gpus if wanted_gpus > cluster.gpus_now else 0,
         )
-    # CPU-only: every core busy, each node split between its actors and decoding by each stage's cost.
-    memory = actor_memory(dtype, batch_size) if actor_memory is not None else None
+    # CPU-only: every core busy, each node split between its actor and decoding by each stage's cost.
     sizing = size_cpu_node(
-        cluster.smallest_cpu_node_cpus, node_memory_bytes=cluster.smallest_cpu_node_memory, actor_memory_bytes=memory
+        cluster.smallest_cpu_node_cpus, node_memory_bytes=cluster.smallest_cpu_node_memory,
+        actor_memory=None if actor_memory is None else lambda calls: actor_memory(dtype, batch_size, calls),
     )
-    per_node = 1 if config.cpus_per_actor else sizing.actors  # --cpus-per-actor: one actor of that size per node
-    max_actors = config.max_actors or max(1, cluster.cpu_nodes) * per_node
+    max_actors = config.max_actors or max(1, cluster.cpu_nodes)  # one actor per CPU node
     cpus = config.cpus_per_actor or sizing.cpus_per_actor
     cpu_resources: dict[str, float] = {"num_cpus": cpus}
     if sizing.actor_memory_bytes:
         cpu_resources["memory"] = float(sizing.actor_memory_bytes)
+    if config.cpus_per_actor:
+        calls, threads = 1, math.ceil(config.cpus_per_actor)
+    elif config.compile:
+        calls, threads = 1, sizing.torch_threads * sizing.calls_per_actor
+    else:
+        calls, threads = sizing.calls_per_actor, sizing.torch_threads
     return ComputePlan(
         use_gpu=False, device="cpu", dtype=dtype, batch_size=batch_size,
         min_actors=max_actors if config.min_actors <= 1 else min(config.min_actors, max_actors), max_actors=max_actors,
-        actor_resources=cpu_resources,
-        torch_threads=math.ceil(config.cpus_per_actor) if config.cpus_per_actor else sizing.torch_threads,
+        actor_resources=cpu_resources, torch_threads=threads, calls_per_actor=calls,
         actor_env=cpu_actor_environment(),
         decode_cpus=config.decode_cpus or sizing.decode_cpus_per_task,
         pad_to_batch=config.compile,  # a compiled CPU model also wants one shape

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -322,33 +322,45 @@ ACTOR_PROCESS_BYTES = 768 * 1024**2
 WEIGHT_COPIES_AT_LOAD = 2
 ACTIVATION_BYTES_PER_IMAGE = 36 * 1024**2
 ACTIVATION_IMAGE_SIZE = 384
-# The share of a node's Ray ``memory`` resource its inference actors may reserve; the rest is for decode tasks
+# The share of a node's Ray ``memory`` resource its inference actor may reserve; the rest is for decode tasks
 # (each reserves ``--decode-memory-mb``), writers and finalize tasks.
 ACTOR_MEMORY_SHARE = 0.75
 
 
-def actor_memory_bytes(parameters: int, *, batch_size: int, image_size: int, element_bytes: int = 4) -> int:
-    """What one CPU inference actor needs at its peak (see :data:`ACTIVATION_BYTES_PER_IMAGE`): the actor reserves
-    this as Ray ``memory``, so a node never hosts more actors than it can hold."""
+def actor_memory_bytes(
+    parameters: int, *, batch_size: int, image_size: int, element_bytes: int = 4, calls: int = 1
+) -> int:
+    """What one CPU inference actor needs at its peak (see :data:`ACTIVATION_BYTES_PER_IMAGE`) with ``calls`` batches
+    in its model at once: the actor reserves this as Ray ``memory``, so a node never hosts more than it can hold."""
     activations = ACTIVATION_BYTES_PER_IMAGE * (image_size / ACTIVATION_IMAGE_SIZE) ** 2 * element_bytes / 4
-    return int(ACTOR_PROCESS_BYTES + WEIGHT_COPIES_AT_LOAD * parameters * element_bytes + batch_size * activations)
+    return int(ACTOR_PROCESS_BYTES + WEIGHT_COPIES_AT_LOAD * parameters * element_bytes + calls * batch_size * activations)
 
 
 @dataclass(frozen=True)
 class CpuNodePlan:
-    """How one CPU-only node's cores are shared: inference actors in (nearly) all of them, decode tasks in the rest.
-    ``cpus_per_actor`` and ``decode_cpus_per_task`` are Ray reservations; ``torch_threads`` is what each actor's
-    intra-op pool runs; ``actor_memory_bytes`` (None when unknown) what each actor reserves."""
+    """How one CPU-only node's cores are shared: one inference actor in (nearly) all of them, decode tasks in the rest.
+    ``cpus_per_actor`` and ``decode_cpus_per_task`` are Ray reservations; the actor runs ``calls_per_actor`` model
+    calls at once, each on ``torch_threads`` intra-op threads; ``actor_memory_bytes`` (None when unknown) is what it
+    reserves."""
 
     node_cpus: float
-    actors: int
     cpus_per_actor: float
+    calls_per_actor: int
     torch_threads: int
     decode_cpus_per_task: float
     decode_tasks: int
     model_share: float  # fraction of the node's core-seconds the model needs per image (the rest: decoding)
     actor_memory_bytes: int | None = None
-    limited_by: str = "memory unknown"  # what set the number of actors: "cores", "memory" or "memory unknown"
+    limited_by: str = "memory unknown"  # what set the calls at once: "cores", "memory" or "memory unknown"
+
+    def describe(self) -> str:
+        """One line for logs and the benchmark table."""
+        threads = f"{self.torch_threads} torch thread{'s' if self.torch_threads > 1 else ''}"
+        return (
+            f"1 actor x {self.cpus_per_actor:g} CPUs running {self.calls_per_actor} batch"
+            f"{'es' if self.calls_per_actor > 1 else ''} at once on {threads} each ({self.limited_by}), "
+            f"decode {self.decode_tasks} task{'s' if self.decode_tasks > 1 else ''} x {self.decode_cpus_per_task:g} CPU"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,11 +371,11 @@ def size_cpu_node(
     *,
     physical_cores: int | None = None,
     node_memory_bytes: float | None = None,
-    actor_memory_bytes: int | None = None,
+    actor_memory: Callable[[int], int] | None = None,
     model_core_s: float = MODEL_CORE_SECONDS_PER_IMAGE,
     decode_core_s: float = DECODE_CORE_SECONDS_PER_IMAGE,
 ) -> CpuNodePlan:
-    """Split ``node_cpus`` between inference actors and the decode tasks, from each stage's cost per image.
+    """Split ``node_cpus`` between one inference actor and the decode tasks, from each stage's cost per image.
 
     Decoding: per image the model needs ``model_core_s`` core-seconds and decoding ``decode_core_s``; both run at
     the same images/s, so decoding needs the fraction ``d / (m + d)`` of the node (0.35 % with the default costs).
@@ -372,14 +384,18 @@ def size_cpu_node(
 
     Inference: the rest of the node runs one torch thread per reserved CPU, rounded up (a decode task then borrows a
     sliver of an intra-op thread's core, as the cost ratio says it can), never more threads than physical cores (SMT
-    siblings share the FMA units a matrix product saturates). Those threads go to as many single-threaded actors
-    as the node's memory holds (``ACTOR_MEMORY_SHARE`` of ``node_memory_bytes`` over ``actor_memory_bytes``), the
-    threads divided evenly among them. Why not one actor with every thread: the threads of one intra-op pool meet
-    at a barrier in every layer, so whenever anything else on the node (Ray's own processes, a decode task) takes
-    one of their cores, the others wait; separate actors do not wait for each other. Measured on a 2-core node
-    (full-size model, fp32, batch 16): two one-thread processes side by side 1.52 images/s against 1.47 for one
-    two-thread process, and inside a job one two-thread actor reached 0.80 of its model-only rate. The price is a
-    copy of the weights per actor, which the memory bound keeps affordable. Without memory figures, one actor.
+    siblings share the FMA units a matrix product saturates). One actor holds them all, as concurrent single-threaded
+    model calls (``calls_per_actor``, one batch each, in the actor's threads), as many as the node's memory holds
+    (``ACTOR_MEMORY_SHARE`` of ``node_memory_bytes``; ``actor_memory(calls)`` is what the actor needs with that many
+    batches in flight); the threads are divided evenly among the calls. Why not one call on every thread: the
+    threads of one intra-op pool meet at a barrier in every layer, so whenever anything else on the node (Ray's own
+    processes, a decode task) takes one of their cores, the others wait; single-threaded calls do not wait for each
+    other. Measured on a 2-core node (full-size model, fp32, batch 16): two one-thread processes side by side 1.52
+    images/s against 1.47 for one two-thread process, and inside a job one two-thread actor reached 0.80 of its
+    model-only rate. Why calls in one actor rather than one single-threaded actor per core, as before: every actor
+    is a process that imports torch and Ray Data and loads the weights (~6 CPU-seconds of a 2-core node's start-up
+    each, and a copy of the weights), while concurrent calls in one process share all of that; torch releases the
+    GIL in its kernels, so the calls compute side by side. Without memory figures, one call on every thread.
     """
     if node_cpus < 1:
         raise ValueError(f"a CPU node needs at least 1 CPU to host an inference actor, got {node_cpus}")
@@ -397,23 +413,24 @@ def size_cpu_node(
     threads = max(1, math.ceil(inference_cpus - 1e-9))
     if physical_cores:
         threads = min(threads, physical_cores)
-    actors, limited_by, reserved = 1, "memory unknown", None
-    if node_memory_bytes and actor_memory_bytes:
-        fits = math.floor(node_memory_bytes * ACTOR_MEMORY_SHARE / actor_memory_bytes)
-        actors = max(1, min(threads, fits))
+    calls, limited_by, reserved = 1, "memory unknown", None
+    if node_memory_bytes and actor_memory is not None:
+        budget = node_memory_bytes * ACTOR_MEMORY_SHARE
+        fits = max((count for count in range(1, threads + 1) if actor_memory(count) <= budget), default=0)
+        calls = max(1, fits)
         limited_by = "memory" if fits < threads else "cores"
         if fits >= 1:
-            reserved = actor_memory_bytes
+            reserved = actor_memory(calls)
         else:  # reserving it could leave the actor (or the decode tasks beside it) unschedulable: run it unreserved
             logger.warning(
-                "an inference actor needs ~%.1f GiB but the CPU node offers Ray %.1f GiB: one actor, no reservation",
-                actor_memory_bytes / 1024**3, node_memory_bytes / 1024**3,
+                "an inference actor needs ~%.1f GiB but the CPU node offers Ray %.1f GiB: one batch at a time, "
+                "no reservation", actor_memory(1) / 1024**3, node_memory_bytes / 1024**3,
             )
     return CpuNodePlan(
         node_cpus=node_cpus,
-        actors=actors,
-        cpus_per_actor=round(inference_cpus / actors, 3),
-        torch_threads=max(1, threads // actors),
+        cpus_per_actor=inference_cpus,
+        calls_per_actor=calls,
+        torch_threads=max(1, threads // calls),
         decode_cpus_per_task=decode_per_task,
         decode_tasks=decode_tasks,
         model_share=model_share,
@@ -448,7 +465,7 @@ def smallest_cpu_node_memory(nodes: Iterable[Mapping[str, Any]]) -> float | None
 
 
 def count_cpu_nodes(nodes: Iterable[Mapping[str, Any]]) -> int:
-    """Alive nodes with at least one CPU and no GPU: each hosts its own inference actors on a CPU-only cluster."""
+    """Alive nodes with at least one CPU and no GPU: each hosts its own inference actor on a CPU-only cluster."""
     return len(_cpu_only_nodes(nodes))
 
 

@@ -2,8 +2,8 @@
 
 The compute (:func:`predict`) is a plain function of tensors so that it is tested without Ray; :class:`BatchInference`
 is what each inference actor holds: the model, loaded once, and the per-batch work around it. Ray Data's
-``map_batches`` runs it in a pool of actors, one per GPU (or per group of CPU cores where the cluster has no GPU),
-through :class:`pipeline.actor.InferenceActor`, which the driver names without importing this module (or torch).
+``map_batches`` runs it in a pool of actors, one per GPU (or one per node where the cluster has no GPU), through
+:class:`pipeline.actor.InferenceActor`, which the driver names without importing this module (or torch).
 
 Keeping the device busy
     A call has three parts: *prepare* (pick the rows that decoded, stage them in page-locked memory, start the copy
@@ -14,6 +14,14 @@ Keeping the device busy
     while one call computes, the next one prepares and the previous one builds its rows. Torch releases the GIL
     inside its kernels and copies, so the host work really runs beside the device's. Ray Data's own alternative
     (threads for fetching and batching only, the UDF serialised) cannot overlap *our* host work, which is most of it.
+
+Lanes on a CPU node
+    A CPU actor holds all of its node's inference cores as ``compute_lanes`` concurrent calls, each computing a whole
+    batch on ``torch_threads`` (normally one) intra-op threads (:func:`pipeline.cpu.size_cpu_node`): the lanes share
+    one process, one import of torch and Ray Data and one copy of the weights, and never wait for each other at an
+    intra-op barrier. The model is safe to call from several threads: inference reads its parameters only, and the
+    one lazily built state (the standardised conv weights' cache) is built by the warm-up and swapped in as one
+    attribute.
 
 Copies the host makes per image (a 384x384 crop is 442 KB, one copy ~20-80 us on one core)
     * CPU, no padding: none. The Arrow buffer is handed to torch as it is; when some rows failed to decode, the model
@@ -169,8 +177,9 @@ class _StagingBuffers:
     also churn the allocator; so buffers are kept and handed out one per concurrent call.
     """
 
-    def __init__(self, pinned: bool) -> None:
+    def __init__(self, pinned: bool, keep: int = CONCURRENT_CALLS) -> None:
         self._pinned = pinned
+        self._keep = keep
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -185,9 +194,9 @@ class _StagingBuffers:
     def give_back(self, buffer: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buffer)
-            if len(self._free) > CONCURRENT_CALLS:  # unpadded batches of growing sizes: keep the largest few
+            if len(self._free) > self._keep:  # unpadded batches of growing sizes: keep the largest few
                 self._free.sort(key=lambda kept: kept.shape[0], reverse=True)
-                del self._free[CONCURRENT_CALLS:]
+                del self._free[self._keep :]
 
 
 class BatchInference:
@@ -244,12 +253,14 @@ class BatchInference:
             self.model = torch.compile(self.model, dynamic=False)
         self.id2label: dict[int | str, str] = {int(k): v for k, v in model_config.id2label.items()}
         self.hidden_size: int = model_config.hidden_size
-        self._compute_lock = threading.Lock()
+        # One call computes at a time on a GPU (one device); a CPU actor runs its lanes side by side, each call on
+        # its own torch.get_num_threads() intra-op threads (torch releases the GIL inside its kernels).
+        self._compute_slots = threading.BoundedSemaphore(max(1, settings.compute_lanes))
         # When one call leaves the model, the next call (waiting on the lock) also needs the GIL, which the leaving
         # call holds while it builds its rows: with the default 5 ms switch interval every hand-over idles the device
         # for up to 5 ms (5 % of a 100 ms batch). A shorter interval hands the GIL over within 0.5 ms.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
-        self._staging = _StagingBuffers(pinned=self.device.type == "cuda")
+        self._staging = _StagingBuffers(pinned=self.device.type == "cuda", keep=max(CONCURRENT_CALLS, settings.compute_lanes))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._warm_up()
         logger.info("inference actor ready: %s on %s in %s (padding %s, compile %s)", settings.model_uri, self.device,
@@ -295,7 +306,7 @@ class BatchInference:
         if good.any():
             prepared = self.prepare(batch["pixels"], good)
             try:
-                with self._compute_lock:
+                with self._compute_slots:
                     result = self.compute(prepared)
             finally:
                 if prepared.staging is not None:
@@ -350,7 +361,7 @@ class BatchInference:
         return _Prepared(on_device, count, staging=staging, copied=copied)
 
     def compute(self, prepared: _Prepared) -> Predictions:
-        """Device half, under the actor's lock: model calls of at most ``batch_size`` rows each."""
+        """Device half, in one of the actor's compute slots: model calls of at most ``batch_size`` rows each."""
         pixels = prepared.pixels
         if prepared.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(prepared.copied)

@@ -238,7 +238,7 @@ def _connect_ray() -> Any:
     return ray
 
 
-def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int], int]) -> ComputePlan:
+def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int, int], int]) -> ComputePlan:
     """Device, dtype and pool for the cluster the job will have (GPUs it can scale to count): pipeline/compute.py."""
     view = observe_cluster(ray)
     if config.dtype == "auto" and not uses_gpu(config, view):
@@ -251,8 +251,9 @@ def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int]
 
 def actor_memory_estimate(
     model_config: Any, processor: ViTHybridImageProcessor, parameters: int | None = None
-) -> Callable[[str, int], int]:
-    """``(dtype, batch_size) -> bytes`` one CPU inference actor of this model needs (:func:`pipeline.cpu.actor_memory_bytes`).
+) -> Callable[[str, int, int], int]:
+    """``(dtype, batch_size, calls) -> bytes`` one CPU inference actor of this model needs with ``calls`` batches in
+    its model at once (:func:`pipeline.cpu.actor_memory_bytes`).
 
     ``parameters`` is the weights' element count from the checkpoint's safetensors headers
     (:attr:`model.weights.CheckpointFingerprint.parameters`, read by the preflight), so the driver needs no torch.
@@ -273,8 +274,8 @@ def actor_memory_estimate(
             return sum(parameter.numel() for parameter in ViTHybridForImageClassification(model_config).parameters())
 
     image_size = max(processor.output_size)
-    return lambda dtype, batch_size: cpu.actor_memory_bytes(
-        count(), batch_size=batch_size, image_size=image_size, element_bytes=DTYPE_BYTES[dtype]
+    return lambda dtype, batch_size, calls: cpu.actor_memory_bytes(
+        count(), batch_size=batch_size, image_size=image_size, element_bytes=DTYPE_BYTES[dtype], calls=calls
     )
 
 
@@ -324,6 +325,7 @@ def inference_settings(config: JobConfig, compute: ComputePlan) -> InferenceSett
         embedding_dtype=config.embedding_dtype,
         normalize_embeddings=config.normalize_embeddings,
         torch_threads=compute.torch_threads,
+        compute_lanes=compute.calls_per_actor,
         batch_size=compute.batch_size,
         pad_to_batch=compute.pad_to_batch,
         compile=config.compile,
@@ -376,7 +378,10 @@ def _build_dataset(
         fn_constructor_args=(settings,),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=compute.min_actors, max_size=max_actors, **actor_pool_arguments(compute.use_gpu)),
+        compute=ActorPoolStrategy(
+            min_size=compute.min_actors, max_size=max_actors,
+            **actor_pool_arguments(compute.use_gpu, cpu_calls=compute.calls_per_actor),
+        ),
         **actor_resources,
         # Merged by Ray with the job's own runtime_env (a ray job submit --working-dir stays in force).
         **({"runtime_env": {"env_vars": compute.actor_env}} if compute.actor_env else {}),

@@ -179,12 +179,16 @@ def test_quick_run_end_to_end_and_bounds(quick_results: tuple[dict, str]) -> Non
     assert e2e["images_per_s"] == pytest.approx(e2e["samples"] / e2e["seconds"])
     assert e2e["summary_images_per_s"] == pytest.approx(e2e["images_per_s"], abs=1e-3)  # the summary rounds
 
-    # On a CPU the job runs one single-threaded actor per core; that pool is timed side by side, and the bound is the
-    # faster of it and one actor with every thread.
-    pool = results["model"]["pool"]
-    assert pool is not None and pool["actors"] == results["model"]["job_sizing"]["actors"] == e2e["actors"] >= 2
-    assert len(pool["batch_seconds"]) == pool["actors"] and pool["images_per_s"] > 0
-    model_pool = max(results["model"]["images_per_s"] * settings["actors"], pool["images_per_s"])
+    # On a CPU the job runs one actor computing a single-threaded batch per core at once; that actor is timed, and
+    # so are the same cores as one process each; the bound is the fastest of those and one call on every thread.
+    pool, separate = results["model"]["pool"], results["model"]["processes"]
+    lanes = results["model"]["job_sizing"]["calls_per_actor"]
+    assert pool is not None and (pool["processes"], pool["lanes"]) == (1, lanes) and lanes == e2e["calls_per_actor"] >= 2
+    assert separate is not None and (separate["processes"], separate["lanes"]) == (lanes, 1)
+    assert e2e["actors"] == 1
+    for layout in (pool, separate):
+        assert len(layout["batch_seconds"]) == lanes and layout["images_per_s"] > 0 and layout["torch_threads"] == 1
+    model_pool = max(results["model"]["images_per_s"] * settings["actors"], pool["images_per_s"], separate["images_per_s"])
     decode_capacity = results["decode"]["mix"]["fast"] * e2e["decode_cpus"]
     assert bounds["model_pool_images_per_s"] == pytest.approx(model_pool)
     assert bounds["decode_capacity_images_per_s"] == pytest.approx(decode_capacity)

@@ -64,6 +64,7 @@ def test_cpu_only_clusters_and_explicit_choices() -> None:
     none = ClusterView(gpus_now=0, gpus_reachable=0)
     cpu = decide_compute(job(cpus_per_actor=4), none)
     assert not cpu.use_gpu and cpu.dtype == "float32" and cpu.max_actors == 1 and cpu.torch_threads == 4
+    assert cpu.calls_per_actor == 1  # --cpus-per-actor: one batch at a time on all of its threads
     assert cpu.batch_size == 16 and not cpu.pad_to_batch and cpu.gpus_to_request == 0
     assert decide_compute(job(compile=True), none).pad_to_batch  # a compiled model wants one shape on CPUs too
     assert not decide_compute(job(device="cpu"), ClusterView(gpus_now=4, gpus_reachable=4)).use_gpu
@@ -90,29 +91,37 @@ def test_cpu_only_clusters_use_the_node_decided_dtype_and_every_core() -> None:
     assert decide_compute(job(), ClusterView(gpus_now=1, gpus_reachable=1, cpu_dtype="float32")).decode_cpus == 1.0
 
 
-def test_cpu_only_pools_hold_one_single_threaded_actor_per_core_that_memory_allows() -> None:
-    asked: list[tuple[str, int]] = []
+def test_cpu_only_pools_hold_one_actor_per_node_with_a_single_threaded_call_per_core_that_memory_allows() -> None:
+    asked: list[tuple[str, int, int]] = []
+    gib = 1024**3
 
-    def actor_memory(dtype: str, batch_size: int) -> int:
-        asked.append((dtype, batch_size))
-        return 2 * 1024**3
+    def actor_memory(dtype: str, batch_size: int, calls: int) -> int:
+        asked.append((dtype, batch_size, calls))
+        return int(1.5 * gib + calls * 0.5 * gib)
 
     two_nodes = ClusterView(gpus_now=0, gpus_reachable=0, cpu_nodes=2, smallest_cpu_node_cpus=4,
-                            smallest_cpu_node_memory=32 * 1024**3, cpu_dtype="bfloat16")
+                            smallest_cpu_node_memory=32 * gib, cpu_dtype="bfloat16")
     plan = decide_compute(job(), two_nodes, actor_memory)
-    assert asked == [("bfloat16", 16)]  # the dtype and batch the actors will run
-    assert (plan.max_actors, plan.min_actors, plan.torch_threads) == (8, 8, 1)  # 4 per node, a fixed pool
-    assert plan.actor_resources["memory"] == 2 * 1024**3  # each actor reserves its memory, so Ray packs by it
-    assert 4 * plan.actor_resources["num_cpus"] + plan.decode_cpus == pytest.approx(4, abs=0.011)
-    # A node with memory for one actor: one actor with every thread.
-    small = dataclasses.replace(two_nodes, smallest_cpu_node_memory=2 * 1024**3)
-    assert (decide_compute(job(), small, actor_memory).max_actors, decide_compute(job(), small, actor_memory).torch_threads) == (2, 4)
+    assert {(dtype, batch) for dtype, batch, _ in asked} == {("bfloat16", 16)}  # the dtype and batch the actors run
+    # One actor per node (a fixed pool), each computing 4 single-threaded batches at once.
+    assert (plan.max_actors, plan.min_actors, plan.calls_per_actor, plan.torch_threads) == (2, 2, 4, 1)
+    assert plan.actor_resources["memory"] == actor_memory("bfloat16", 16, 4)  # reserved, so Ray packs by it
+    assert plan.actor_resources["num_cpus"] + plan.decode_cpus == pytest.approx(4, abs=0.011)
+    # A node with memory for one batch at a time: one call with every thread.
+    small = dataclasses.replace(two_nodes, smallest_cpu_node_memory=3 * gib)
+    narrow = decide_compute(job(), small, actor_memory)
+    assert (narrow.max_actors, narrow.calls_per_actor, narrow.torch_threads) == (2, 1, 4)
+    # --compile: one compiled graph, called by one thread at a time, on every thread.
+    compiled = decide_compute(job(compile=True), two_nodes, actor_memory)
+    assert (compiled.calls_per_actor, compiled.torch_threads) == (1, 4)
     # --cpus-per-actor / --max-actors are the user's: one actor of that size per node; the cap holds.
-    assert decide_compute(job(cpus_per_actor=2), two_nodes, actor_memory).max_actors == 2
+    sized = decide_compute(job(cpus_per_actor=2), two_nodes, actor_memory)
+    assert (sized.max_actors, sized.calls_per_actor, sized.torch_threads) == (2, 1, 2)
     assert decide_compute(job(max_actors=3), two_nodes, actor_memory).max_actors == 3
     assert decide_compute(job(min_actors=2), two_nodes, actor_memory).min_actors == 2
-    # No memory estimate: one actor per node, no memory reservation.
-    assert "memory" not in decide_compute(job(), two_nodes).actor_resources
+    # No memory estimate: one actor per node, one call at a time, no memory reservation.
+    unknown = decide_compute(job(), two_nodes)
+    assert "memory" not in unknown.actor_resources and unknown.calls_per_actor == 1
 
 
 def test_dtype_without_cluster() -> None:

@@ -126,9 +126,9 @@ def test_a_resume_on_other_hardware_is_refused_not_mixed(tmp_path: Path) -> None
 @pytest.mark.parametrize("node_cpus", [1, 2, 4, 16, 64, 192])
 def test_every_core_is_reserved_and_the_model_gets_nearly_all(node_cpus: int) -> None:
     plan = cpu.size_cpu_node(node_cpus)
-    reserved = plan.cpus_per_actor * plan.actors + plan.decode_cpus_per_task * plan.decode_tasks
+    reserved = plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks
     assert reserved == pytest.approx(node_cpus, abs=0.011)  # every CPU reserved (rounding to 0.01)
-    assert plan.actors == 1 and 0 < plan.decode_cpus_per_task <= 1
+    assert plan.calls_per_actor == 1 and 0 < plan.decode_cpus_per_task <= 1  # no memory figures: one call
     # Decoding gets its share times the headroom, at least a quarter CPU; the model the rest, one thread per CPU.
     decode_total = plan.decode_cpus_per_task * plan.decode_tasks
     needed = node_cpus * (1 - plan.model_share)
@@ -151,26 +151,33 @@ def test_sizing_follows_the_measured_cost_ratio() -> None:
     assert plan.torch_threads == math.ceil(plan.cpus_per_actor)
 
 
-def test_cores_go_to_single_threaded_actors_as_far_as_memory_allows() -> None:
+def test_cores_go_to_single_threaded_calls_of_one_actor_as_far_as_memory_allows() -> None:
     gib = 1024**3
-    # A 2-CPU node with room: two one-thread actors share what decoding leaves; every CPU reserved.
-    plan = cpu.size_cpu_node(2, node_memory_bytes=16 * gib, actor_memory_bytes=2 * gib)
-    assert (plan.actors, plan.torch_threads, plan.limited_by) == (2, 1, "cores")
-    assert plan.cpus_per_actor * 2 + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(2, abs=0.011)
-    assert plan.actor_memory_bytes == 2 * gib
-    # 8 CPUs, memory for three actors (0.75 x 8 GiB / 2 GiB): three actors of two threads; no thread over a core.
-    plan = cpu.size_cpu_node(8, node_memory_bytes=8 * gib, actor_memory_bytes=2 * gib)
-    assert (plan.actors, plan.torch_threads, plan.limited_by) == (3, 2, "memory")
-    assert plan.actors * plan.torch_threads <= 8
-    assert plan.actors * plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(8, abs=0.011)
-    # Memory for less than one: still one actor, with every thread, and no reservation the node could never grant.
-    plan = cpu.size_cpu_node(8, node_memory_bytes=1 * gib, actor_memory_bytes=2 * gib)
-    assert (plan.actors, plan.torch_threads, plan.actor_memory_bytes) == (1, 8, None)
+
+    def actor_memory(calls: int) -> int:  # the process and its weights, then one batch's activations per call
+        return int(1.5 * gib + calls * 0.5 * gib)
+
+    # A 2-CPU node with room: one actor computing two single-threaded batches at once; every CPU reserved.
+    plan = cpu.size_cpu_node(2, node_memory_bytes=16 * gib, actor_memory=actor_memory)
+    assert (plan.calls_per_actor, plan.torch_threads, plan.limited_by) == (2, 1, "cores")
+    assert plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(2, abs=0.011)
+    assert plan.actor_memory_bytes == actor_memory(2)  # what it needs with both batches in flight
+    # 8 CPUs, memory for three calls (0.75 x 4 GiB = 3 GiB >= 1.5 + 3 x 0.5): three calls of two threads each.
+    plan = cpu.size_cpu_node(8, node_memory_bytes=4 * gib, actor_memory=actor_memory)
+    assert (plan.calls_per_actor, plan.torch_threads, plan.limited_by) == (3, 2, "memory")
+    assert plan.calls_per_actor * plan.torch_threads <= 8 and plan.actor_memory_bytes == actor_memory(3)
+    assert plan.cpus_per_actor + plan.decode_cpus_per_task * plan.decode_tasks == pytest.approx(8, abs=0.011)
+    # Memory for less than one call: still one, with every thread, and no reservation the node could never grant.
+    plan = cpu.size_cpu_node(8, node_memory_bytes=1 * gib, actor_memory=actor_memory)
+    assert (plan.calls_per_actor, plan.torch_threads, plan.actor_memory_bytes) == (1, 8, None)
     # SMT: threads are capped by physical cores first, then shared out.
-    plan = cpu.size_cpu_node(64, physical_cores=32, node_memory_bytes=512 * gib, actor_memory_bytes=2 * gib)
-    assert (plan.actors, plan.torch_threads) == (32, 1)
-    # No memory figures: one actor with every thread, as before.
-    assert cpu.size_cpu_node(16).actors == 1 and cpu.size_cpu_node(16).limited_by == "memory unknown"
+    plan = cpu.size_cpu_node(64, physical_cores=32, node_memory_bytes=512 * gib, actor_memory=actor_memory)
+    assert (plan.calls_per_actor, plan.torch_threads) == (32, 1)
+    # No memory figures: one call with every thread.
+    unknown = cpu.size_cpu_node(16)
+    assert (unknown.calls_per_actor, unknown.torch_threads, unknown.limited_by) == (1, 16, "memory unknown")
+    assert "2 batches at once on 1 torch thread each (cores)" in cpu.size_cpu_node(
+        2, node_memory_bytes=16 * gib, actor_memory=actor_memory).describe()
 
 
 def test_actor_memory_estimate_matches_the_measured_actor() -> None:
@@ -184,6 +191,10 @@ def test_actor_memory_estimate_matches_the_measured_actor() -> None:
         16 * 3 * cpu.ACTIVATION_BYTES_PER_IMAGE, rel=1e-6
     )
     assert cpu.actor_memory_bytes(98_950_952, batch_size=32, image_size=384) > full
+    # Each further batch in flight adds one batch's activations, not another process or copy of the weights.
+    assert cpu.actor_memory_bytes(98_950_952, batch_size=16, image_size=384, calls=3) - full == pytest.approx(
+        2 * 16 * cpu.ACTIVATION_BYTES_PER_IMAGE, rel=1e-6
+    )
 
 
 def test_threads_never_exceed_physical_cores_and_bad_inputs_are_refused() -> None:
@@ -314,6 +325,7 @@ def test_the_jobs_actor_memory_estimate_counts_the_models_parameters(tmp_path) -
     assert fingerprint.parameters == parameters
     for counted in (fingerprint.parameters, None):  # None: a pickled checkpoint, counted on torch's meta device
         estimate = actor_memory_estimate(config, processor, counted)
-        assert estimate("float32", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64)
-        assert estimate("bfloat16", 8) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64, element_bytes=2)
+        assert estimate("float32", 8, 1) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64)
+        assert estimate("bfloat16", 8, 2) == cpu.actor_memory_bytes(parameters, batch_size=8, image_size=64, element_bytes=2,
+                                                                    calls=2)
     assert torch.get_default_device().type == "cpu"  # the meta-device count leaves torch's default alone

@@ -121,9 +121,13 @@ def test_pool_arguments_are_accepted_by_ray_data() -> None:
     strategy = ActorPoolStrategy(min_size=1, max_size=2, **actor_pool_arguments(use_gpu=True))
     assert strategy.max_concurrent_calls_per_actor == CONCURRENT_CALLS >= 2
     assert strategy.enable_true_multi_threading is True
-    # CPU actors: one batch each, none queued behind it (another actor may be free for it).
+    # CPU actors: as many batches as they compute at once (their lanes), none queued behind them (another actor may
+    # be free for it); lanes compute truly at once, in the actor's threads.
     cpu = ActorPoolStrategy(min_size=2, max_size=2, **actor_pool_arguments(use_gpu=False))
     assert cpu.max_concurrent_calls_per_actor == 1 and cpu.max_tasks_in_flight_per_actor == 1
+    lanes = ActorPoolStrategy(min_size=1, max_size=1, **actor_pool_arguments(use_gpu=False, cpu_calls=3))
+    assert lanes.max_concurrent_calls_per_actor == 3 and lanes.max_tasks_in_flight_per_actor == 3
+    assert lanes.enable_true_multi_threading is True
 
 
 def test_padding_needs_a_batch_size() -> None:
@@ -331,6 +335,76 @@ def test_concurrent_calls_prepare_while_another_computes_and_keep_row_order(
     for index, batch in enumerate(batches):
         assert results[index].column("key").to_pylist() == list(batch["key"])
         assert results[index].to_pylist() == reference(batch).to_pylist()
+
+
+class RendezvousModel(RecordingModel):
+    """Its first ``lanes`` calls wait (up to 10 s) until all of them are inside at once, then stay a moment longer, so
+    that a call beyond the lanes would be seen inside too; records the most calls inside at once."""
+
+    def __init__(self, lanes: int) -> None:
+        super().__init__()
+        self.lanes = lanes
+        self.started = 0
+        self.inside = 0
+        self.most_inside = 0
+        self._condition = threading.Condition()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: object) -> ImageClassifierOutput:
+        with self._condition:
+            self.started += 1
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self._condition.notify_all()
+            if self.started <= self.lanes:
+                self._condition.wait_for(lambda: self.inside >= self.lanes, timeout=10)
+        try:
+            if self.started <= self.lanes:
+                threading.Event().wait(0.2)  # the other callers, blocked at the actor's lanes, would enter now
+            return super().forward(pixel_values, **kwargs)
+        finally:
+            with self._condition:
+                self.inside -= 1
+
+
+def test_a_cpu_actor_computes_as_many_batches_at_once_as_it_has_lanes_and_no_more(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = RendezvousModel(lanes=2)
+    actor = actor_with(checkpoint, model, monkeypatch, compute_lanes=2)
+    batches = [make_batch(4, bad=(index % 4,), seed=20 + index, prefix=f"l{index}-") for index in range(4)]
+    results: dict[int, pa.Table] = {}
+    threads = [threading.Thread(target=lambda index=index: results.__setitem__(index, actor(batches[index])))
+               for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert model.most_inside == 2, f"{model.most_inside} calls were inside the model at once, the actor has 2 lanes"
+    reference = actor_with(checkpoint, RecordingModel(), monkeypatch)
+    for index, batch in enumerate(batches):
+        assert results[index].to_pylist() == reference(batch).to_pylist()
+
+
+def test_the_real_model_in_concurrent_lanes_gives_the_rows_of_one_call_at_a_time(checkpoint: Path) -> None:
+    """Lanes share one model: inference only reads it, and its lazily built state exists before the first batch."""
+    actor = real_actor(checkpoint, compute_lanes=3)
+    batches = [make_batch(3, bad=(index % 3,), seed=30 + index, prefix=f"r{index}-") for index in range(6)]
+    results: dict[int, pa.Table] = {}
+    threads = [threading.Thread(target=lambda index=index: results.__setitem__(index, actor(batches[index])))
+               for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    one_at_a_time = real_actor(checkpoint)
+    for index, batch in enumerate(batches):
+        for got, want in zip(results[index].to_pylist(), one_at_a_time(batch).to_pylist(), strict=True):
+            numbers = [(got.pop(name), want.pop(name)) for name in ("embedding", "topk_scores")]
+            assert got == want  # key, order, labels, top-k ids, errors
+            for got_values, want_values in numbers:
+                assert (got_values is None) == (want_values is None)
+                if want_values is not None:
+                    np.testing.assert_allclose(got_values, want_values, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ compile
