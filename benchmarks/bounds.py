@@ -5,6 +5,7 @@ utilisation. Also folds the decode mix and the fast-vs-exact agreement into ``re
 from __future__ import annotations
 
 import logging
+import statistics
 from typing import Any
 
 from benchmarks import measures as benchmarking
@@ -64,15 +65,15 @@ def run(context: BenchmarkContext) -> dict[str, Any]:
         ),
     }
     two_point = None
-    small_job = shared.get("small_job")
-    if small_job is not None:
+    small_jobs, large_jobs = shared.get("small_jobs") or [], shared.get("large_jobs") or []
+    if small_jobs:
         try:
             two_point = benchmarking.two_point_rate(
-                small_images=small_job["samples"], small_seconds=small_job["seconds"],
-                images=job["samples"], seconds=job["seconds"], bound_images_per_s=bounds.bound_images_per_s,
+                small_images=small_jobs[0]["samples"], small_runs=[run["seconds"] for run in small_jobs],
+                images=job["samples"], runs=[run["seconds"] for run in large_jobs], bound_images_per_s=bounds.bound_images_per_s,
             ).to_dict()
-            # What a job that starts its own Ray pays before the fixed part: the two jobs' ray.init(), averaged.
-            two_point["ray_init_s"] = (small_job["ray_init_s"] + job["ray_init_s"]) / 2
+            # What a job that starts its own Ray pays before the fixed part: every job's ray.init(), averaged.
+            two_point["ray_init_s"] = statistics.fmean(run["ray_init_s"] for run in [*small_jobs, *large_jobs])
         except ValueError as error:  # too few images for the difference to rise above the noise
             logger.warning("two-point fit skipped: %s", error)
             two_point = {"error": str(error)}

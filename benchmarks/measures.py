@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -220,11 +221,15 @@ def pipeline_bounds(
 
 @dataclass(frozen=True)
 class TwoPointRate:
-    """Two jobs of different sizes split a job's time into a fixed part and a per-image part.
+    """Two job sizes split a job's time into a fixed part and a per-image part.
 
     ``time = fixed_s + images / marginal_images_per_s``: the fixed part is what every job pays once (driver
     preamble, actor start-up with the model load, the first batch's warm-up, the last commit); the marginal rate is
-    the steady state, and ``marginal_efficiency`` compares it with the same bound as the job's efficiency.
+    the steady state, and ``marginal_efficiency`` compares it with the same bound as the job's efficiency. Each size
+    may run several times, alternating (``small_runs``, ``runs``): the fit goes through the mean times, and
+    ``fixed_s_per_pair`` (the fit through each small and large run in turn) shows how far the machine's speed moved
+    it; on a 2-core machine one ~35 s round of batches moves by seconds between runs, all of which lands in the
+    fixed part of a single pair.
     """
 
     small_images: int
@@ -234,23 +239,31 @@ class TwoPointRate:
     marginal_images_per_s: float
     fixed_s: float
     marginal_efficiency: float
+    small_runs: tuple[float, ...] = ()
+    runs: tuple[float, ...] = ()
+    fixed_s_per_pair: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def two_point_rate(
-    *, small_images: int, small_seconds: float, images: int, seconds: float, bound_images_per_s: float
+    *, small_images: int, small_runs: Sequence[float], images: int, runs: Sequence[float], bound_images_per_s: float
 ) -> TwoPointRate:
-    """Fit ``time = fixed + images / rate`` through two jobs (``images > small_images``)."""
+    """Fit ``time = fixed + images / rate`` through the mean times of two job sizes (``images > small_images``),
+    each run the same number of times."""
     if images <= small_images:
         raise ValueError(f"the second job must be larger: {images} <= {small_images} images")
+    if not runs or len(runs) != len(small_runs):
+        raise ValueError(f"need as many runs of each size, at least one: {len(small_runs)} and {len(runs)}")
+    small_seconds, seconds = statistics.fmean(small_runs), statistics.fmean(runs)
     if seconds <= small_seconds:
         raise ValueError(
             f"the larger job ({images} images, {seconds:.1f} s) was not slower than the smaller one "
             f"({small_images} images, {small_seconds:.1f} s): too few images to separate fixed from marginal cost"
         )
     marginal = (images - small_images) / (seconds - small_seconds)
+    per_pair = tuple(large - images * (large - small) / (images - small_images) for small, large in zip(small_runs, runs))
     return TwoPointRate(
         small_images=small_images,
         small_seconds=small_seconds,
@@ -259,6 +272,9 @@ def two_point_rate(
         marginal_images_per_s=marginal,
         fixed_s=seconds - images / marginal,
         marginal_efficiency=marginal / bound_images_per_s,
+        small_runs=tuple(small_runs),
+        runs=tuple(runs),
+        fixed_s_per_pair=per_pair,
     )
 
 
@@ -275,6 +291,13 @@ _PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
     ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 31.2}),
 )
+
+
+def _runs(two_point: Mapping[str, Any], runs: str, mean: str) -> str:
+    """``41.2 s`` for one run, ``41.2 s (mean of 40.1, 42.3)`` for several."""
+    values = two_point.get(runs) or ()
+    text = f"{two_point[mean]:.1f} s"
+    return text if len(values) < 2 else f"{text} (mean of {', '.join(f'{value:.1f}' for value in values)})"
 
 
 def peak_tflops_for(device_name: str | None, dtype: str) -> float | None:
@@ -447,9 +470,13 @@ def format_report(results: Mapping[str, Any]) -> str:
         lines += [
             f"   two-point fit      {two_point['fixed_s']:>10.1f} s fixed + images / "
             f"{_rate(two_point['marginal_images_per_s'])} images/s   (jobs of {two_point['small_images']} and "
-            f"{two_point['images']} images: {two_point['small_seconds']:.1f} s, {two_point['seconds']:.1f} s)",
+            f"{two_point['images']} images: {_runs(two_point, 'small_runs', 'small_seconds')}, "
+            f"{_runs(two_point, 'runs', 'seconds')})",
             f"   marginal efficiency{two_point['marginal_efficiency']:>10.3f}      (steady state / bound)",
         ]
+        if len(two_point.get("fixed_s_per_pair") or ()) > 1:
+            lines.append(f"   fixed, per pair    {', '.join(f'{fixed:.1f}' for fixed in two_point['fixed_s_per_pair']):>10} s"
+                         "        (each smaller job with the larger one after it: how far the machine moved it)")
         if two_point.get("ray_init_s") is not None:
             lines.append(
                 f"   + ray.init()       {two_point['ray_init_s']:>10.1f} s          (before the fixed part, for a job "

@@ -73,6 +73,7 @@ class BenchmarkSettings:
     peak_tflops: float | None
     json_path: str | None
     two_point: bool = False
+    two_point_repeats: int = 2  # runs of each job size, alternating
     model: str | None = None
     seed: int = 0
     stages: tuple[str, ...] = DEFAULT_STAGES

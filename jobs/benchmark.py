@@ -1,6 +1,6 @@
 """Measure the whole pipeline against its bounds: model only, decode per core, end to end, and the ratios.
 
-    python -m jobs.benchmark --two-point          # CPU: full-size model, jobs of 32 and 64 images (~8 min on 2 cores)
+    python -m jobs.benchmark --two-point          # CPU: full-size model, jobs of 32 and 64 images twice (~12 min on 2 cores)
     python -m jobs.benchmark --stages machine,fidelity   # only some stages (plus what they need)
     python -m jobs.benchmark --quick              # tiny model, small images: checks the arithmetic in < 1 min (CI)
     python -m jobs.benchmark --json bench.json    # also write every figure as JSON
@@ -46,8 +46,9 @@ the registry; ``--stages`` picks some, their prerequisites are added). In this o
 5. **bf16 fidelity** (:mod:`benchmarks.fidelity`): embedding cosine and top-1 agreement of bf16 against fp32 on one
    exact crop of each sample photograph.
 
-``--two-point`` first runs the same job on half the images (each job on a fresh local Ray) and fits
-``time = fixed + images / marginal rate``: the fixed part is what a job pays once (driver preamble, actor start-up
+``--two-point`` also runs the same job on half the images, the two sizes alternating ``--two-point-repeats`` times
+(default 2; each job on a fresh local Ray), and fits ``time = fixed + images / marginal rate`` through their mean
+times: the fixed part is what a job pays once (driver preamble, actor start-up
 with the model load, first-batch warm-up), the marginal rate is the steady state. On a CPU, where a 64-image job
 takes minutes, the fixed part is a visible share of the job; on 20000 images on a GPU it should not be.
 
@@ -167,8 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU (default: the data-sheet dense peak of a known GPU for the dtype)")
     parser.add_argument("--two-point", action="store_true",
-                        help="also run a job of half the images first: separates the fixed cost (start-up) from the "
+                        help="also run a job of half the images: separates the fixed cost (start-up) from the "
                              "marginal rate")
+    parser.add_argument("--two-point-repeats", type=int, default=2,
+                        help="with --two-point: runs of each job size, alternating, whose mean times the fit goes "
+                             "through (default 2)")
     parser.add_argument("--model", default=None,
                         help="a local checkpoint folder (HF layout, with preprocessor_config.json) instead of random "
                              "weights; with trained weights the fast/exact top-1 agreement means what it says")
@@ -214,6 +218,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         dtype = cpu.decide_on_this_node()["dtype"] if args.dtype == "auto" else canonical_dtype(args.dtype)
     if batch_size < 1 or images < 1 or actors < 1 or (decode_cpus is not None and decode_cpus <= 0) or args.phone_every < 0:
         raise SystemExit("--batch-size, --images, --actors and --decode-cpus must be positive, --phone-every >= 0")
+    if args.two_point_repeats < 1:
+        raise SystemExit("--two-point-repeats must be at least 1")
     decode_slots = max(1, int(decode_cpus or 1))
     images_per_shard = args.images_per_shard or min(1000, max(batch_size, math.ceil(images / (4 * decode_slots))))
     return BenchmarkSettings(
@@ -236,6 +242,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
         peak_tflops=args.peak_tflops,
         json_path=args.json_path,
         two_point=args.two_point,
+        two_point_repeats=args.two_point_repeats,
         model=args.model,
         seed=args.seed,
         stages=tuple(args.stages),

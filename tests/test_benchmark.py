@@ -10,6 +10,8 @@ import io
 import json
 import math
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -59,15 +61,21 @@ def test_pipeline_bounds(model: float, actors: int, decode: float, cpus: float, 
 
 def test_two_point_rate_splits_fixed_and_marginal_time() -> None:
     # 10 s fixed + 1 image/s: 32 images in 42 s, 64 in 74 s.
-    fit = benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=74.0,
-                                      bound_images_per_s=1.25)
+    fit = benchmarking.two_point_rate(small_images=32, small_runs=[42.0], images=64, runs=[74.0], bound_images_per_s=1.25)
     assert fit.marginal_images_per_s == pytest.approx(1.0)
-    assert fit.fixed_s == pytest.approx(10.0)
+    assert fit.fixed_s == pytest.approx(10.0) and fit.fixed_s_per_pair == pytest.approx((10.0,))
     assert fit.marginal_efficiency == pytest.approx(0.8)
+    # Repeated runs: the fit goes through the means; each pair's own fit shows how far one slow round moved it.
+    repeated = benchmarking.two_point_rate(small_images=32, small_runs=[46.0, 38.0], images=64, runs=[74.0, 74.0],
+                                           bound_images_per_s=1.25)
+    assert repeated.small_seconds == pytest.approx(42.0) and repeated.fixed_s == pytest.approx(10.0)
+    assert repeated.fixed_s_per_pair == pytest.approx((18.0, 2.0))
     with pytest.raises(ValueError, match="not slower"):
-        benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=41.0, bound_images_per_s=1)
+        benchmarking.two_point_rate(small_images=32, small_runs=[42.0], images=64, runs=[41.0], bound_images_per_s=1)
     with pytest.raises(ValueError, match="larger"):
-        benchmarking.two_point_rate(small_images=64, small_seconds=42.0, images=64, seconds=50.0, bound_images_per_s=1)
+        benchmarking.two_point_rate(small_images=64, small_runs=[42.0], images=64, runs=[50.0], bound_images_per_s=1)
+    with pytest.raises(ValueError, match="as many runs"):
+        benchmarking.two_point_rate(small_images=32, small_runs=[42.0], images=64, runs=[74.0, 75.0], bound_images_per_s=1)
 
 
 def test_peak_and_flop_utilisation() -> None:
@@ -209,9 +217,14 @@ def test_quick_run_table_shows_the_figures(quick_results: tuple[dict, str]) -> N
         assert heading in table
     assert f"{results['bounds']['efficiency']:.3f}" in table
     # With --two-point: the fit, and the ray.init() a job starting its own Ray pays before the fit's fixed part.
-    fit = benchmarking.two_point_rate(small_images=32, small_seconds=42.0, images=64, seconds=74.0, bound_images_per_s=1)
+    fit = benchmarking.two_point_rate(small_images=32, small_runs=[42.0], images=64, runs=[74.0], bound_images_per_s=1)
     table = benchmarking.format_report({**results, "two_point": {**fit.to_dict(), "ray_init_s": 5.5}})
     assert re.search(r"two-point fit +10\.0 s fixed", table) and re.search(r"\+ ray\.init\(\) +5\.5 s", table)
+    assert "per pair" not in table  # one pair: nothing to compare
+    fit = benchmarking.two_point_rate(small_images=32, small_runs=[46.0, 38.0], images=64, runs=[74.0, 74.0],
+                                      bound_images_per_s=1)
+    table = benchmarking.format_report({**results, "two_point": fit.to_dict()})
+    assert "42.0 s (mean of 46.0, 38.0)" in table and re.search(r"fixed, per pair +18\.0, 2\.0 s", table)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,3 +304,35 @@ def test_a_gpu_run_of_the_benchmark_keeps_the_nodes_allocator(monkeypatch: pytes
     benchmark.with_actor_allocator("cuda")
     assert "GLIBC_TUNABLES" not in os.environ and benchmark.MEASURED_ALLOCATOR not in os.environ
 
+
+
+def test_two_point_runs_the_two_sizes_alternately_on_fresh_rays_and_reports_the_first_full_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The orchestration of ``--two-point`` without Ray: small and full jobs alternate ``--two-point-repeats`` times
+    (a slow minute of the machine then weighs on both sizes), and section 3 shows the first full-size run."""
+    import contextlib
+
+    from benchmarks import end_to_end
+    from benchmarks.stages import BenchmarkContext
+    from jobs.benchmark import build_parser, settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args(
+        ["--quick", "--two-point", "--two-point-repeats", "3", "--device", "cpu", "--images", "24"]))
+    ran: list[str] = []
+
+    def fake_job(settings: object, model_uri: str, input_uri: str, output_uri: str) -> dict[str, object]:
+        ran.append(input_uri.rsplit("/", 1)[-1])
+        return {"samples": 12 if input_uri.endswith("-small") else 24, "seconds": float(len(ran)), "ray_init_s": 5.0}
+
+    monkeypatch.setattr(end_to_end, "run_end_to_end", fake_job)
+    monkeypatch.setattr(end_to_end, "write_mixed_shards",
+                        lambda *args, **kwargs: {"shards": 3, "input_bytes": 1000, "per_kind": {}, "fractions": {}})
+    context = BenchmarkContext(settings=settings, workdir=tmp_path, stack=contextlib.ExitStack(), shared={
+        "storage_base": str(tmp_path), "model_uri": "unused", "image_sets": {}, "kinds": [None, SimpleNamespace(name="phone")],
+    })
+    figures = end_to_end.run(context)
+    assert ran == ["shards-small", "shards"] * 3
+    assert [job["seconds"] for job in context.shared["small_jobs"]] == [1.0, 3.0, 5.0]
+    assert [job["seconds"] for job in context.shared["large_jobs"]] == [2.0, 4.0, 6.0]
+    assert figures["seconds"] == 2.0 and figures["images"] == 24
