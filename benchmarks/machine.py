@@ -37,9 +37,9 @@ def report_lines(results: Mapping[str, Any]) -> list[str]:
     sizing = machine.get("sizing")
     if sizing:
         lines.append(
-            f"   CPU-node sizing    {sizing['node_cpus']:g} CPUs, cores only: 1 actor x {sizing['cpus_per_actor']:g} CPUs "
-            f"({sizing['calls_per_actor']} call(s) at once x {sizing['torch_threads']} torch thread(s)), decode "
+            f"   CPU-node sizing    {sizing['node_cpus']:g} CPUs: 1 inference actor x {sizing['cpus_per_actor']:g} CPUs, decode "
             f"{sizing['decode_tasks']} task(s) x {sizing['decode_cpus_per_task']:g} CPU (model share of the work "
-            f"{sizing['model_share']:.1%}); the job's actor, sized with the model's memory too, is stage 1's"
+            f"{sizing['model_share']:.1%}); how many batches the actor computes at once is set by the model's memory "
+            "too: stage 1's job sizing"
         )
     return lines
