@@ -88,6 +88,21 @@ class ComputePlan:
     pad_to_batch: bool = False
     gpus_to_request: int = 0  # GPU bundles to ask the autoscaler for (beyond what runs now), 0 for none
 
+    def describe(self) -> str:
+        """One line for the job's log: how the inference stage will run (what the defaults chose, in words)."""
+        resources = self.actor_resources
+        pool = f"{self.min_actors}" if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
+        if self.use_gpu:
+            actors = f"{pool} actor(s) x {resources.get('num_gpus', 1):g} GPU + {resources.get('num_cpus', 1):g} CPU"
+        else:
+            lanes = f"{self.calls_per_actor} batch{'es' if self.calls_per_actor > 1 else ''} at once"
+            actors = (f"{pool} actor(s) x {resources.get('num_cpus', 1):g} CPUs, {lanes} on {self.torch_threads} torch "
+                      f"thread(s) each")
+            if resources.get("memory"):
+                actors += f", {resources['memory'] / 1024**3:.2f} GiB reserved"
+        return (f"inference on {self.device}: {actors}, {self.dtype}, batch {self.batch_size}; decode tasks of "
+                f"{self.decode_cpus:g} CPU")
+
 
 def dtype_without_cluster(config: JobConfig) -> str | None:
     """The compute dtype when it does not depend on the cluster (a named one), else None: ``auto`` is bfloat16 on

@@ -244,9 +244,11 @@ def _compute_plan(config: JobConfig, ray: Any, actor_memory: Callable[[str, int,
     if config.dtype == "auto" and not uses_gpu(config, view):
         view = dataclasses.replace(view, cpu_dtype=cpu.decide_cpu_dtype(ray).dtype)  # as on a computing node
     try:
-        return decide_compute(config, view, actor_memory)
+        plan = decide_compute(config, view, actor_memory)
     except ComputeError as error:
         raise JobError(str(error)) from None
+    logger.info("%s", plan.describe())
+    return plan
 
 
 def actor_memory_estimate(

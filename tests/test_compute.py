@@ -122,6 +122,11 @@ def test_cpu_only_pools_hold_one_actor_per_node_with_a_single_threaded_call_per_
     # No memory estimate: one actor per node, one call at a time, no memory reservation.
     unknown = decide_compute(job(), two_nodes)
     assert "memory" not in unknown.actor_resources and unknown.calls_per_actor == 1
+    # What the job logs of it.
+    assert plan.describe() == ("inference on cpu: 2 actor(s) x 3.75 CPUs, 4 batches at once on 1 torch thread(s) each, "
+                               "3.50 GiB reserved, bfloat16, batch 16; decode tasks of 0.25 CPU")
+    gpus = decide_compute(job(), ClusterView(gpus_now=1, gpus_reachable=8))
+    assert gpus.describe() == "inference on cuda: 1-8 actor(s) x 1 GPU + 1 CPU, bfloat16, batch 256; decode tasks of 1 CPU"
 
 
 def test_dtype_without_cluster() -> None:
