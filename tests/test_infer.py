@@ -275,28 +275,45 @@ def test_a_cpu_batch_reaches_the_model_without_a_copy(checkpoint: Path, monkeypa
 # -------------------------------------------------------------------------------------------------------- overlap
 
 
-class GatedModel(RecordingModel):
+class InsideCountingModel(RecordingModel):
+    """Counts the calls inside it at once (``most_inside``); each call waits in :meth:`hold` while it is counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+        self.inside = 0
+        self.most_inside = 0
+        self._condition = threading.Condition()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: object) -> ImageClassifierOutput:
+        with self._condition:
+            self.started += 1
+            ordinal = self.started
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self._condition.notify_all()
+        try:
+            self.hold(ordinal)
+            return super().forward(pixel_values, **kwargs)
+        finally:
+            with self._condition:
+                self.inside -= 1
+
+    def hold(self, ordinal: int) -> None:
+        """What the ``ordinal``-th call (from 1) does inside the model before computing."""
+
+
+class GatedModel(InsideCountingModel):
     """Blocks in its first call until told to go on; counts calls inside it at once."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = threading.Event()
         self.entered = threading.Event()
-        self.inside = 0
-        self.most_inside = 0
-        self._lock = threading.Lock()
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: object) -> ImageClassifierOutput:
-        with self._lock:
-            self.inside += 1
-            self.most_inside = max(self.most_inside, self.inside)
+    def hold(self, ordinal: int) -> None:
         self.entered.set()
         self.release.wait(timeout=30)
-        try:
-            return super().forward(pixel_values, **kwargs)
-        finally:
-            with self._lock:
-                self.inside -= 1
 
 
 def test_concurrent_calls_prepare_while_another_computes_and_keep_row_order(
@@ -337,33 +354,20 @@ def test_concurrent_calls_prepare_while_another_computes_and_keep_row_order(
         assert results[index].to_pylist() == reference(batch).to_pylist()
 
 
-class RendezvousModel(RecordingModel):
+class RendezvousModel(InsideCountingModel):
     """Its first ``lanes`` calls wait (up to 10 s) until all of them are inside at once, then stay a moment longer, so
     that a call beyond the lanes would be seen inside too; records the most calls inside at once."""
 
     def __init__(self, lanes: int) -> None:
         super().__init__()
         self.lanes = lanes
-        self.started = 0
-        self.inside = 0
-        self.most_inside = 0
-        self._condition = threading.Condition()
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: object) -> ImageClassifierOutput:
+    def hold(self, ordinal: int) -> None:
+        if ordinal > self.lanes:
+            return
         with self._condition:
-            self.started += 1
-            self.inside += 1
-            self.most_inside = max(self.most_inside, self.inside)
-            self._condition.notify_all()
-            if self.started <= self.lanes:
-                self._condition.wait_for(lambda: self.inside >= self.lanes, timeout=10)
-        try:
-            if self.started <= self.lanes:
-                threading.Event().wait(0.2)  # the other callers, blocked at the actor's lanes, would enter now
-            return super().forward(pixel_values, **kwargs)
-        finally:
-            with self._condition:
-                self.inside -= 1
+            self._condition.wait_for(lambda: self.inside >= self.lanes, timeout=10)
+        threading.Event().wait(0.2)  # the other callers, blocked at the actor's lanes, would enter now
 
 
 def test_a_cpu_actor_computes_as_many_batches_at_once_as_it_has_lanes_and_no_more(
