@@ -353,15 +353,6 @@ class CpuNodePlan:
     actor_memory_bytes: int | None = None
     limited_by: str = "memory unknown"  # what set the calls at once: "cores", "memory" or "memory unknown"
 
-    def describe(self) -> str:
-        """One line for logs and the benchmark table."""
-        threads = f"{self.torch_threads} torch thread{'s' if self.torch_threads > 1 else ''}"
-        return (
-            f"1 actor x {self.cpus_per_actor:g} CPUs running {self.calls_per_actor} batch"
-            f"{'es' if self.calls_per_actor > 1 else ''} at once on {threads} each ({self.limited_by}), "
-            f"decode {self.decode_tasks} task{'s' if self.decode_tasks > 1 else ''} x {self.decode_cpus_per_task:g} CPU"
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -256,7 +256,7 @@ class BatchInference:
         # One call computes at a time on a GPU (one device); a CPU actor runs its lanes side by side, each call on
         # its own torch.get_num_threads() intra-op threads (torch releases the GIL inside its kernels).
         self._compute_slots = threading.BoundedSemaphore(max(1, settings.compute_lanes))
-        # When one call leaves the model, the next call (waiting on the lock) also needs the GIL, which the leaving
+        # When one call leaves the model, the next call (waiting for its slot) also needs the GIL, which the leaving
         # call holds while it builds its rows: with the default 5 ms switch interval every hand-over idles the device
         # for up to 5 ms (5 % of a 100 ms batch). A shorter interval hands the GIL over within 0.5 ms.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
