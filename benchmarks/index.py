@@ -205,9 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         queries, base = vectors[order[:held_out]], vectors[order[held_out:]]
         budget = int(base.nbytes * args.memory_fraction)
         tune = min(200, held_out // 2)
-        results["pipeline"] = measure(base, queries, max_index_memory=budget, tune_queries=tune)
-        print(report(f"{len(base)} pipeline embeddings of width {base.shape[1]} from {args.embeddings}, "
-                     f"{held_out} held out as queries, --max-index-memory {budget}", results["pipeline"]))
+        title = (f"{len(base)} pipeline embeddings of width {base.shape[1]} from {args.embeddings}, {held_out} held out "
+                 f"as queries, --max-index-memory {budget}")
+        try:
+            results["pipeline"] = measure(base, queries, max_index_memory=budget, tune_queries=tune)
+        except ValueError as error:  # a budget no index fits (a few thousand vectors: the codebooks alone exceed 1/8)
+            results["pipeline"] = {"vectors": len(base), "max_index_memory": budget, "error": str(error)}
+            print(f"{title}\n  no index: {error}")
+        else:
+            print(report(title, results["pipeline"]))
     results["cpu_after"] = {"load_average": [round(value, 1) for value in os.getloadavg()]}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
