@@ -180,7 +180,7 @@ def train_weighted_residual_pq(spec: IndexSpec, sample: np.ndarray, *, seed: int
     ivf.train_q1(len(rotated), faiss.swig_ptr(rotated), False, metric)  # FAISS's own k-means of the lists
     _, lists = quantizer.search(rotated, 1)
     centroids = quantizer.reconstruct_n(0, spec.nlist)
-    # The sample's arrays are the training's memory (565 MB each for 196,608 x 720): moments without squared copies,
+    # The sample's arrays are the training's memory (288 MB each for 98,304 x 732): moments without squared copies,
     # residuals in place of the rotated vectors, a block of rows at a time.
     second_moment = np.einsum("ij,ij->j", rotated, rotated) / len(rotated)
     residuals = rotated

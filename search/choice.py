@@ -37,9 +37,12 @@ The rule, from exact to most compressed (each step is taken only when the one be
 at the sizes these jobs produce (up to tens of millions) fewer, larger lists reach a recall target with fewer probes,
 and k-means training, which costs nlist x training points x dim, stays a small part of the build (training on
 :data:`MAX_TRAIN_PER_LIST` points per list, as FAISS does by default with 256, would dominate it). Rule 4 is the
-exception: its codes are residuals from the list's centroid, which finer lists shrink, so it takes 4 x sqrt(count)
-lists (4,096 for a million) trained on :data:`RESIDUAL_TRAIN_PER_LIST` points each; on a million clustered vectors
-with the same 360-byte codes, 2,048 lists reached recall@10 0.898 where 1,024 reached 0.869. ``nprobe`` is not chosen
+exception: its codes are residuals from the list's centroid, which finer lists shrink, so it takes 2 x sqrt(count)
+lists (2,048 for a million) trained on :data:`RESIDUAL_TRAIN_PER_LIST` points each; on a million clustered vectors
+with the same 360-byte codes, 2,048 lists reached recall@10 0.898 where 1,024 reached 0.869 and 4,096 0.899. More
+lists than that cost codes: the centroids (kept x 4 bytes each) come out of the same budget, and 2,048 lists leave
+room for 366-byte codes of 732 directions where 4,096 left 360 bytes of 720 (recall@10 0.946 against 0.942, with the
+weighted codes that cancel their error along the vector). ``nprobe`` is not chosen
 here: the build measures recall on the collection itself and raises ``nprobe`` until the recall target is met.
 
 Memory is estimated as the serialized index size: codes, 8-byte ids per vector (inverted lists store them), and the
@@ -57,9 +60,9 @@ METRICS = ("cosine", "ip", "l2")
 FLAT_MAX_VECTORS = 50_000
 MIN_TRAIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
 MAX_TRAIN_PER_LIST = 64  # more points per centroid barely moves the centroids and costs training time linearly
-# Rule 4 codes residuals, which shrink as lists get finer: 4 x sqrt(n) lists (the low end of FAISS's 4-16 x sqrt(n)),
-# trained on fewer points per list so that k-means costs what 1 x sqrt(n) lists at 64 points would cost, times 3.
-RESIDUAL_LISTS_FACTOR = 4
+# Rule 4 codes residuals, which shrink as lists get finer, but its centroids are paid for with code bytes: 2 x sqrt(n)
+# lists (see the module docstring), trained on fewer points per list than the other rules' lists.
+RESIDUAL_LISTS_FACTOR = 2
 RESIDUAL_TRAIN_PER_LIST = 48
 ID_BYTES = 8
 DEFAULT_MAX_INDEX_MEMORY = 4 * 1024**3
@@ -166,18 +169,17 @@ def choose_index(count: int, dim: int, max_memory_bytes: int = DEFAULT_MAX_INDEX
         return spec(f"IVF{nlist},SQ8", dim, "8-bit scalar codes (1/4 of raw) fit the budget")
     # Residual PQ of 2-d sub-vectors in a balanced principal basis: m bytes of codes keep 2m directions.
     residual_nlist = residual_lists(count)
-    residual_fixed = residual_nlist * dim * 4
-    residual_per_vector = (max_memory_bytes - residual_fixed) / count - ID_BYTES
-    balanced_m = min(dim // 2, math.floor(residual_per_vector))
+    balanced_m = min(dim // 2, math.floor(max_memory_bytes / count - ID_BYTES))
     while balanced_m >= max(1, dim // 4):
         kept = 2 * balanced_m
-        # The rotation (kept x dim, with its mean and eigenvalues), the codebooks (256 x kept), list sizes.
-        extras = kept * dim * 4 + 2 * dim * 4 + kept * 256 * 4 + residual_nlist * 16
-        if balanced_m + extras / count <= residual_per_vector:
+        # The coarse centroids (kept wide), the rotation (kept x dim, with its mean and eigenvalues), the codebooks
+        # (256 x kept), list sizes.
+        extras = residual_nlist * kept * 4 + kept * dim * 4 + 2 * dim * 4 + kept * 256 * 4 + residual_nlist * 16
+        estimate = count * (balanced_m + ID_BYTES) + extras
+        if estimate <= max_memory_bytes:
             return IndexSpec(
                 f"PCA{kept},IVF{residual_nlist},PQ{balanced_m}x8", metric, dim, count, nlist=residual_nlist,
-                pq_m=balanced_m, pca_dim=kept,
-                estimated_bytes=int(residual_fixed + count * (balanced_m + ID_BYTES) + extras),
+                pq_m=balanced_m, pca_dim=kept, estimated_bytes=estimate,
                 train_size=min(count, max(RESIDUAL_TRAIN_PER_LIST * residual_nlist, MIN_TRAIN_PER_LIST * 256)),
                 reason=(
                     f"residual product quantisation: {balanced_m}-byte codes of the {kept} strongest principal "

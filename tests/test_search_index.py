@@ -56,7 +56,7 @@ def test_choice_goes_from_exact_to_compressed_as_the_budget_shrinks() -> None:
     assert "PQ" in eighth.factory and eighth.estimated_bytes <= raw // 8
     for spec in (roomy, quarter):
         assert 39 * spec.nlist <= spec.train_size <= max(64 * spec.nlist, 39 * 256) and spec.nlist == 1024
-    assert eighth.nlist == 4096 and 39 * 4096 <= eighth.train_size <= largest_train_size(1_000_000)  # finer lists
+    assert eighth.nlist == 2048 and 39 * 2048 <= eighth.train_size <= largest_train_size(1_000_000)  # finer lists
     assert choose_index(FLAT_MAX_VECTORS + 1, 768, 1 << 40).factory != "Flat"  # exact only for small collections
     with pytest.raises(ValueError, match="at least"):
         choose_index(1_000_000, 768, 10_000_000)
@@ -394,6 +394,17 @@ def test_one_eighth_of_a_million_vectors_chooses_balanced_residual_pq_within_the
     assert spec.factory == f"PCA{spec.pca_dim},IVF{spec.nlist},PQ{spec.pq_m}x8" and spec.pca_dim == 2 * spec.pq_m
     assert spec.pca_dim >= 700 and spec.estimated_bytes <= raw // 8
     assert choose_index(1_000_000, 768, raw // 20).pca_dim == 0  # too few bytes to keep half the directions
+
+
+def test_a_chosen_rule_4_index_is_no_larger_than_its_estimate() -> None:
+    """The estimate decides how many directions fit the budget, so the index written must not exceed it."""
+    vectors = build.prepare(clustered_vectors(8000, 64, clusters=20, seed=4), "cosine")
+    budget = vectors.nbytes // 8
+    spec = choose_index(len(vectors), 64, budget)
+    assert spec.pca_dim
+    trained = build.serialize(build.train(spec, vectors[:spec.train_size], seed=1))
+    index = build.merge([build.add_part(trained, vectors, 0)])
+    assert build.serialize(index).nbytes <= spec.estimated_bytes <= budget
 
 
 def test_nprobe_tuning_stops_once_recall_stops_rising(caplog: pytest.LogCaptureFixture) -> None:
