@@ -41,8 +41,8 @@ exception: its codes are residuals from the list's centroid, which finer lists s
 lists (2,048 for a million) trained on :data:`RESIDUAL_TRAIN_PER_LIST` points each; on a million clustered vectors
 with the same 360-byte codes, 2,048 lists reached recall@10 0.898 where 1,024 reached 0.869 and 4,096 0.899. More
 lists than that cost codes: the centroids (kept x 4 bytes each) come out of the same budget, and 2,048 lists leave
-room for 366-byte codes of 732 directions where 4,096 left 360 bytes of 720 (recall@10 0.946 against 0.942, with the
-weighted codes that cancel their error along the vector). ``nprobe`` is not chosen
+room for 366-byte codes of 732 directions where 4,096 left 360 bytes of 720 (recall@10 0.947 against 0.943 in
+benchmarks.index, with the weighted codes that cancel their error along the vector). ``nprobe`` is not chosen
 here: the build measures recall on the collection itself and raises ``nprobe`` until the recall target is met.
 
 Memory is estimated as the serialized index size: codes, 8-byte ids per vector (inverted lists store them), and the
