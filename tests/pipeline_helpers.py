@@ -45,6 +45,11 @@ def read_output(uri: str) -> pa.Table:
     return pads.dataset(files, format="parquet", filesystem=filesystem).to_table()
 
 
+# The dtype of jobs whose rows are compared with expected_predictions (float32 within 1e-4): "auto" would be bfloat16
+# on a CPU with AVX512-BF16.
+REFERENCE_DTYPE = "float32"
+
+
 def expected_predictions(
     model_folder: str, samples: dict[str, Sample], *, fast: bool, top_k: int
 ) -> dict[str, dict[str, object]]:

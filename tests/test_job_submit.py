@@ -18,7 +18,7 @@ import fsspec
 import pytest
 
 from tests.corpus import make_samples, write_webdataset
-from tests.pipeline_helpers import PROJECT_ROOT, check_rows, expected_predictions, read_output
+from tests.pipeline_helpers import PROJECT_ROOT, REFERENCE_DTYPE, check_rows, expected_predictions, read_output
 from tests.reference import small_config_dict, write_reference_checkpoint
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -92,7 +92,7 @@ def test_ray_job_submit_classifies_images_on_s3(ray_cluster: str, s3_bucket: str
         [RAY, "job", "submit", f"--address={ray_cluster}", "--working-dir", ".",
          "--runtime-env-json", json.dumps({"env_vars": aws_variables}),
          "--", "python", "-m", "jobs.classify", "--input", f"s3://{s3_bucket}/shards", "--output", output,
-         "--model", model_uri, "--top-k", "3", "--batch-size", "8"],
+         "--model", model_uri, "--top-k", "3", "--batch-size", "8", "--dtype", REFERENCE_DTYPE],
     )
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     assert "succeeded" in submitted.stdout, submitted.stdout[-4000:]

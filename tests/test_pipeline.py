@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import JobConfig
 from pipeline.plan import JobError, run_job
 from tests.corpus import Sample, make_samples, write_image_files, write_parquet, write_webdataset
-from tests.pipeline_helpers import check_rows, expected_predictions, read_output, start_local_ray
+from tests.pipeline_helpers import REFERENCE_DTYPE, check_rows, expected_predictions, read_output, start_local_ray
 from tests.reference import small_config_dict, write_reference_checkpoint
 
 TOP_K = 3
@@ -67,7 +67,7 @@ def test_classify_row_by_row(
     input_spec, samples = write_inputs(base, input_format)
     output = f"{base}/predictions"
     config = JobConfig(task="classify", input=input_spec, output=output, model=checkpoint, top_k=TOP_K,
-                       batch_size=8, images_per_shard=12)
+                       batch_size=8, images_per_shard=12, dtype=REFERENCE_DTYPE)
 
     summary = run_job(config)
 
@@ -82,7 +82,8 @@ def test_classify_row_by_row(
 def test_embed_job_writes_embeddings_only(local_ray: None, checkpoint: str, tmp_path) -> None:
     input_spec, samples = write_inputs(str(tmp_path), "webdataset")
     output = str(tmp_path / "embeddings")
-    run_job(JobConfig(task="embed", input=input_spec, output=output, model=checkpoint, batch_size=8))
+    run_job(JobConfig(task="embed", input=input_spec, output=output, model=checkpoint, batch_size=8,
+                      dtype=REFERENCE_DTYPE))
 
     table = read_output(output)
     assert table.column_names == ["key", "source", "embedding", "error"]

@@ -158,8 +158,8 @@ def test_killed_at_every_stage_then_resumed_gives_the_clean_output(
     assert summary["shards_skipped"] == len(committed_shards(clean_run.output))  # everything was committed already
     assert summary["samples"] == 0 and summary["status"] == "succeeded"
 
-    # A rerun of the finished job changes nothing (--device cpu: float32 like "auto" on this CPU-only machine, and
-    # known without starting Ray). A rerun with another model, preprocessing or dtype is refused before any work.
+    # A rerun of the finished job changes nothing (--device cpu: known without starting Ray; JOB_FLAGS pin float32).
+    # A rerun with another model, preprocessing or dtype is refused before any work.
     stamps = modification_times(output, all_names(output))
     again = run_job([*args, "--device", "cpu"], ray_tmpdir=ray_tmpdir())
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr[-3000:]
