@@ -8,6 +8,8 @@ job's output are covered in test_search_jobs.py.
 from __future__ import annotations
 
 import json
+import math
+from statistics import NormalDist
 
 import faiss
 import numpy as np
@@ -347,8 +349,8 @@ def test_each_l2_code_minimises_the_weighted_error_of_its_sub_vector() -> None:
 
 def test_cosine_codes_cancel_their_error_along_their_own_vector() -> None:
     """For cosine (and ip) the codes also weigh the error along the vector itself, the score error of the queries
-    closest to it: against each sub-vector's weighted-nearest code, |<x, e>| falls several times over while the
-    weighted error grows little."""
+    closest to it: against each sub-vector's weighted-nearest code, |<x, e>| falls to under half (0.40 here, 0.31
+    before the weights were flattened to the second moment's 0.75 power) while the weighted error grows little."""
     rotated, decoded, residuals, weights, codebooks = _rule_4_codes("cosine")
     squared = ((residuals[:, :, None, :] - codebooks[None]) ** 2 * weights.reshape(16, 1, 2)).sum(-1)
     nearest = codebooks[np.arange(16)[None, :], np.argmin(squared, axis=2)]  # (rows, sub-quantizer, 2)
@@ -356,7 +358,7 @@ def test_cosine_codes_cancel_their_error_along_their_own_vector() -> None:
     nearest_error = (residuals - nearest).reshape(300, 32)
     along_stored = np.abs(np.einsum("rd,rd->r", rotated, stored_error)).mean()
     along_nearest = np.abs(np.einsum("rd,rd->r", rotated, nearest_error)).mean()
-    assert along_stored < 0.4 * along_nearest
+    assert along_stored < 0.5 * along_nearest
     weighted_stored = (stored_error ** 2 * weights).sum()
     weighted_nearest = (nearest_error ** 2 * weights).sum()
     assert weighted_nearest <= weighted_stored < 1.5 * weighted_nearest
@@ -381,6 +383,50 @@ def test_anisotropic_codes_start_from_the_nearest_and_never_raise_the_loss() -> 
     chosen = build.anisotropic_codes(codebooks, residuals, along, nearest, neighbours, 10.0)
     assert (loss(chosen, 10.0) <= loss(nearest, 10.0) + 1e-4).all()
     assert loss(chosen, 10.0).mean() < 0.5 * loss(nearest, 10.0).mean()
+
+
+def test_a_grid_start_codes_a_strong_direction_paired_with_a_weak_one_more_finely_than_a_random_start() -> None:
+    """Rule 4's sub-quantizers pair a strong direction with a weak one. Its k-means starts from a grid whose bits go
+    to the dimension with the largest spread per level, levels at the quantiles of a sqrt(3)-wider Gaussian: after
+    its 10 iterations the codebook's error on held-out points is well under that of FAISS's random start after 25."""
+    rng = np.random.default_rng(0)
+    points = (rng.standard_normal((40_000, 2)) * [30.0, 1.0] + [0.5, -0.2]).astype(np.float32)
+    start = build.grid_codebook(points, 256)
+    assert start.shape == (256, 2)
+    assert [len(np.unique(start[:, axis])) for axis in range(2)] == [64, 4]
+    np.testing.assert_allclose(start.mean(axis=0), points.mean(axis=0), atol=1e-4)  # levels symmetric about the mean
+    widest = points[:, 0].mean() + math.sqrt(3) * points[:, 0].std() * NormalDist().inv_cdf(63.5 / 64)
+    assert start[:, 0].max() == pytest.approx(widest, rel=1e-5)
+    training, held_out = points[:20_000], points[20_000:]
+    errors = {}
+    for grid_start in (False, True):
+        product = faiss.IndexPQ(2, 1, 8)
+        build.train_product_quantizer(product, training, seed=0, grid_start=grid_start)
+        errors[grid_start] = ((held_out - product.sa_decode(product.sa_encode(held_out))) ** 2).sum(axis=1).mean()
+    assert errors[True] < 0.8 * errors[False]
+
+
+def test_cosine_rule_4_weighs_the_second_moment_to_its_power_and_starts_every_codebook_from_the_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from search.choice import IndexSpec
+
+    starts: list[tuple[int, ...]] = []
+    grid_codebook = build.grid_codebook
+
+    def recording_grid_codebook(points: np.ndarray, size: int) -> np.ndarray:
+        starts.append(points.shape)
+        return grid_codebook(points, size)
+
+    monkeypatch.setattr(build, "grid_codebook", recording_grid_codebook)
+    vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), "cosine")
+    spec = IndexSpec("PCA32,IVF8,PQ16x8", "cosine", 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
+                     train_size=len(vectors))
+    trained = build.train(spec, vectors, seed=2)
+    assert starts == [(3000, 2)] * 16
+    rotated = faiss.downcast_VectorTransform(faiss.downcast_index(trained).chain.at(0)).apply(vectors)
+    moment = (rotated ** 2).mean(axis=0) ** build.SECOND_MOMENT_POWER
+    np.testing.assert_allclose(build._coding_scales(trained) ** 2, moment / moment.mean(), rtol=1e-3)
 
 
 def test_balanced_bins_pair_the_strongest_direction_with_the_weakest() -> None:
