@@ -9,25 +9,26 @@ The rule, from exact to most compressed (each step is taken only when the one be
 3. ``IVF{nlist},SQ8``: the same lists with 1 byte per dimension (4x smaller; the quantisation error of 8-bit
    scalars is far below the distance gaps between neighbours of real embeddings).
 4. ``PCA{2m},IVF{nlist},PQ{m}x8``: product quantisation of each vector's residual from its list's centroid, in 2-d
-   sub-vectors of 8 bits (4 bits a dimension), in a principal-component basis, keeping the ``2m`` strongest
-   directions that the budget pays for, with each code chosen under the error that the scores will see
-   (:func:`search.build.train_weighted_residual_pq`): an inner-product score is off by ``<q, e>`` for a coding
-   error ``e``, so the error in direction ``i`` is weighted by the queries' second moment there, and the directions
-   are dealt to the sub-quantizers to even out their weighted variance (each in turn, strongest first, to the
-   sub-quantizer with the least so far, which pairs the strongest with the weakest). For cosine and inner product,
+   sub-vectors of 8 bits (4 bits a dimension), in a principal-component basis, keeping the ``2m`` strongest directions
+   that the budget pays for, with each code chosen under the error that the scores will see
+   (:func:`search.build.train_weighted_residual_pq`): an inner-product score is off by ``<q, e>`` for a coding error
+   ``e``, so the error in direction ``i`` is weighted by the queries' second moment there (to the power 0.75), and the
+   directions are dealt to the sub-quantizers to even out their weighted variance (each in turn, strongest first, to
+   the sub-quantizer with the least so far, which pairs the strongest with the weakest). For cosine and inner product,
    each vector's codes also cancel their error along the vector itself, the score error of the queries nearest it
    (:func:`search.build.anisotropic_codes`). Chosen while ``m`` is at least a quarter of ``dim`` (at least half the
    directions kept). Measured step by step (benchmarks/index.py, recall@10 against exact search at one eighth of the
-   raw size): residual codes instead of whole-vector codes, the balanced principal basis and 2-d sub-quantizers
-   raised recall from 0.80 (the re-ranked PQ of rule 5) to 0.94 on 100,000 clustered 768-d vectors, 0.90 on a
-   million with 4,096 lists; the weighted codes raise the million to 0.938, the codes cancelling their error along
-   the vector to 0.943, and 2,048 lists, whose centroids leave the bytes for 732 directions instead of 720, to
-   0.947 (README, "From embeddings to search", for the steps and figures): the residual from the
-   list's centroid carries only the spread within a cluster, and the weights spend the bits where scores are
-   sensitive. What is left is shared between the codes and the directions dropped: exact search in the 720 kept
-   directions alone reaches recall@10 0.973 on that million (the 48 weakest directions carry under 1 % of the
-   variance, but neighbours' scores differ by about 0.0006 at rank 10). Keeping all 768 directions in zero-padded
-   3-d sub-quantizers (352 bytes, to stay within the budget) did worse on 200,000 vectors (0.956 against 0.960).
+   raw size): residual codes instead of whole-vector codes, the balanced principal basis and 2-d sub-quantizers raised
+   recall from 0.80 (the re-ranked PQ of rule 5) to 0.94 on 100,000 clustered 768-d vectors, 0.90 on a million with
+   4,096 lists; the weighted codes raise the million to 0.938, the codes cancelling their error along the vector to
+   0.943, 2,048 lists, whose centroids leave the bytes for 732 directions instead of 720, to 0.947, and codebooks
+   trained from a grid start instead of random points, with the weights flattened to the second moment's 0.75 power,
+   to 0.952 (README, "From embeddings to search", for the steps and figures): the residual from the list's centroid
+   carries only the spread within a cluster, and the weights spend the bits where scores are sensitive. What is left
+   is shared between the codes and the directions dropped: exact search in the 720 kept directions alone reaches
+   recall@10 0.973 on that million (the 48 weakest directions carry under 1 % of the variance, but neighbours' scores
+   differ by about 0.0006 at rank 10). Keeping all 768 directions in zero-padded 3-d sub-quantizers (352 bytes, to
+   stay within the budget) did worse on 200,000 vectors (0.956 against 0.960).
 5. ``IVF{nlist},PQ{m}x{bits}``: for smaller budgets, product quantisation: ``m`` sub-vectors coded in 8 bits each
    (one byte), the largest ``m`` that divides ``dim`` and fits the budget, with a re-ranking stage (``Refine``) when
    the budget leaves room for one: the inverted lists find candidates with coarse codes and the finer codes re-rank
@@ -43,8 +44,9 @@ lists (2,048 for a million) trained on :data:`RESIDUAL_TRAIN_PER_LIST` points ea
 with the same 360-byte codes, 2,048 lists reached recall@10 0.898 where 1,024 reached 0.869 and 4,096 0.899. More
 lists than that cost codes: the centroids (kept x 4 bytes each) come out of the same budget, and 2,048 lists leave
 room for 366-byte codes of 732 directions where 4,096 left 360 bytes of 720 (recall@10 0.947 against 0.943 in
-benchmarks.index, with the weighted codes that cancel their error along the vector). ``nprobe`` is not chosen
-here: the build measures recall on the collection itself and raises ``nprobe`` until the recall target is met.
+benchmarks.index, with the weighted codes that cancel their error along the vector, before the grid start). ``nprobe``
+is not chosen here: the build measures recall on the collection itself and raises ``nprobe`` until the recall target
+is met.
 
 Memory is estimated as the serialized index size: codes, 8-byte ids per vector (inverted lists store them), and the
 coarse centroids, codebooks and rotation matrix.
