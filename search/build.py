@@ -419,6 +419,8 @@ def grid_codebook(points: np.ndarray, size: int) -> np.ndarray:
     25 iterations and still 0.00171 after 300 (548 s for the 366 sub-quantizers); this start's was 0.00063 after
     10 (21 s) and 0.00062 after 25 (README, "From embeddings to search").
     """
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"a grid of {size} codewords: the size must be a power of two (2 ** bits)")
     width = points.shape[1]
     means, spreads = points.mean(axis=0), points.std(axis=0)
     levels = np.ones(width, dtype=np.int64)

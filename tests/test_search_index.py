@@ -393,6 +393,8 @@ def test_a_grid_start_codes_a_strong_direction_paired_with_a_weak_one_more_finel
     points = (rng.standard_normal((40_000, 2)) * [30.0, 1.0] + [0.5, -0.2]).astype(np.float32)
     start = build.grid_codebook(points, 256)
     assert start.shape == (256, 2)
+    with pytest.raises(ValueError, match="power of two"):
+        build.grid_codebook(points, 48)
     assert [len(np.unique(start[:, axis])) for axis in range(2)] == [64, 4]
     np.testing.assert_allclose(start.mean(axis=0), points.mean(axis=0), atol=1e-4)  # levels symmetric about the mean
     widest = points[:, 0].mean() + math.sqrt(3) * points[:, 0].std() * NormalDist().inv_cdf(63.5 / 64)
