@@ -312,16 +312,22 @@ def test_a_weighted_residual_pq_index_keeps_scores_finds_indexed_vectors_and_mer
     assert np.linalg.norm(index.reconstruct(5) - vectors[5]) < 0.3 * np.linalg.norm(vectors[5])
 
 
-def _rule_4_codes(metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A small rule-4 index of 3,000 vectors: (rotated vectors, their stored codes' reconstructions,
-    their residuals from their list's centroid, the error weights, the codebooks); residuals and reconstructions
-    as rows x 16 sub-quantizers x 2, for the first 300 vectors."""
+def _rule_4_trained(metric: str) -> tuple[np.ndarray, faiss.Index]:
+    """3,000 clustered 32-d vectors (prepared for ``metric``) and a rule-4 index trained on them: all 32 directions
+    kept in 16 sub-quantizers, 8 lists."""
     from search.choice import IndexSpec
 
     vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), metric)
     spec = IndexSpec("PCA32,IVF8,PQ16x8", metric, 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
                      train_size=len(vectors))
-    trained = build.train(spec, vectors, seed=2)
+    return vectors, build.train(spec, vectors, seed=2)
+
+
+def _rule_4_codes(metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small rule-4 index of 3,000 vectors: (rotated vectors, their stored codes' reconstructions,
+    their residuals from their list's centroid, the error weights, the codebooks); residuals and reconstructions
+    as rows x 16 sub-quantizers x 2, for the first 300 vectors."""
+    vectors, trained = _rule_4_trained(metric)
     weights = build._coding_scales(trained) ** 2
     index = build.merge([build.add_part(build.serialize(trained), vectors, 0)])
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
@@ -411,8 +417,6 @@ def test_a_grid_start_codes_a_strong_direction_paired_with_a_weak_one_more_finel
 def test_cosine_rule_4_weighs_the_second_moment_to_its_power_and_starts_every_codebook_from_the_grid(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from search.choice import IndexSpec
-
     starts: list[tuple[int, ...]] = []
     grid_codebook = build.grid_codebook
 
@@ -421,10 +425,7 @@ def test_cosine_rule_4_weighs_the_second_moment_to_its_power_and_starts_every_co
         return grid_codebook(points, size)
 
     monkeypatch.setattr(build, "grid_codebook", recording_grid_codebook)
-    vectors = build.prepare(clustered_vectors(3000, 32, clusters=12, seed=6), "cosine")
-    spec = IndexSpec("PCA32,IVF8,PQ16x8", "cosine", 32, len(vectors), nlist=8, pq_m=16, pca_dim=32,
-                     train_size=len(vectors))
-    trained = build.train(spec, vectors, seed=2)
+    vectors, trained = _rule_4_trained("cosine")
     assert starts == [(3000, 2)] * 16
     rotated = faiss.downcast_VectorTransform(faiss.downcast_index(trained).chain.at(0)).apply(vectors)
     moment = (rotated ** 2).mean(axis=0) ** build.SECOND_MOMENT_POWER
